@@ -1,0 +1,46 @@
+"""li-dit: LI-DiT text-to-image models in JAX/Flax, from one CPU to TPU pods.
+
+Versions are pinned for Python 3.11 (jax 0.10.2 is the newest release that installs there);
+`pip install -e ".[test]"` gives the environment the test suite and CI run in.
+"""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "absl-py==2.5.1",
+    "clu==0.0.12",
+    "etils[epath]==1.15.0",
+    "flax==0.12.8",
+    "gguf==0.19.0",
+    "grain==0.2.18",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "jinja2==3.1.6",
+    "ml_collections==1.1.0",
+    "numpy==2.4.6",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "pillow==13.0.0",
+    "safetensors==0.8.0",
+    "tensorboardX==2.6.5",
+    "tokenizers==0.23.3",
+    "transformers==5.23.0",
+]
+
+EXTRAS_REQUIRE = {
+    # PyTorch reference implementations (transformers) for parity tests and the torch export.
+    # torch 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+    "torch": ["torch==2.13.0", "accelerate==1.15.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "accelerate==1.15.0"],
+    # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
+    "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+}
+
+setuptools.setup(
+    name="li-dit",
+    version="0.1.0",
+    description="LI-DiT: frozen decoder-only LLMs as prompt encoders for diffusion transformers",
+    packages=setuptools.find_packages(include=["li_dit", "li_dit.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

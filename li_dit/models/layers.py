@@ -185,3 +185,59 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   m = jnp.asarray(mask, jnp.float32)[..., None]
   total = jnp.sum(jnp.asarray(x, jnp.float32) * m, axis=1)
   return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+class Attention(nn.Module):
+  """Multi-head attention in the [B,T,H,K] layout, self- or cross-, with optional QK RMSNorm.
+
+  Self-attention projects q, k and v with one fused kernel (one large matmul instead of three).
+  `context` None means self-attention over x. Key padding is masked with `kv_mask`.
+  """
+  num_heads: int
+  qk_norm: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, kv_mask: jax.Array | None = None,
+               context: jax.Array | None = None) -> jax.Array:
+    """x [B,T,D], context [B,S,Dc] (or None), kv_mask [B,S] bool -> [B,T,D]."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    heads, head_dim = self.num_heads, width // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if context is None:
+      qkv = Dense((3, heads, head_dim), ("embed", None, "heads", "head_dim"), name="qkv", **kw)(x)
+      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    else:
+      q = Dense((heads, head_dim), ("embed", "heads", "head_dim"), name="q", **kw)(x)
+      kv = Dense((2, heads, head_dim), ("embed_in", None, "heads", "head_dim"), name="kv",
+                 **kw)(context)
+      k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+    if self.qk_norm:
+      norm = dict(scale_axes=("head_dim",), **kw)
+      q, k = RMSNorm(name="q_norm", **norm)(q), RMSNorm(name="k_norm", **norm)(k)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    mask = None if kv_mask is None else attention_mask(None, kv_mask)
+    out = dot_product_attention(q, k, v, mask)
+    return Dense(width, ("heads", "head_dim", "embed"), in_axes=2, name="out", **kw)(out)
+
+
+class AdaLNModulation(nn.Module):
+  """Zero-initialised SiLU -> Dense from the condition c [B,Dc] to `count` vectors [B,D] each.
+
+  Zero initialisation makes every gate 0 (and shift/scale 0) at the start of training, so the
+  sub-layers it modulates begin as the identity (adaLN-Zero).
+  """
+  count: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
+    out = Dense((self.count, self.width), ("embed_in", None, "modulation"),
+                kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                param_dtype=self.param_dtype, name="proj")(nn.silu(c))
+    return tuple(out[:, i] for i in range(self.count))

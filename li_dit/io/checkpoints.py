@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a run: params, EMA params, optimizer state, data iterator, config.
+
+Layout: <workdir>/checkpoints/<step>/{params,ema_params,opt_state,data,config}. Each item can
+be restored on its own (sampling reads only `ema_params` or `params`). Saves are asynchronous;
+orbax writes into a temporary directory and renames it when complete, so a run killed in the
+middle of a save leaves the previous checkpoint as the latest one, never a half-written one.
+The frozen LLMs are not saved: they are loaded from their own files.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import grain.checkpoint
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from li_dit import config_lib
+
+ARRAY_ITEMS = ("params", "ema_params", "opt_state")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing or does not fit the model; names the step and item."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+class Checkpointer:
+  """One run's CheckpointManager (every process must create it and join saves/restores)."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+    handlers["data"] = grain.checkpoint.CheckpointHandler()
+    handlers["config"] = ocp.JsonCheckpointHandler()
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(checkpoint_dir(workdir)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save,
+                                             create=True),
+        item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, arrays: dict[str, Any], data_iterator: Any,
+           config: ml_collections.ConfigDict, force: bool = False) -> bool:
+    """Starts an (async) save of `arrays` (the ARRAY_ITEMS), the data iterator and the config."""
+    args = {name: ocp.args.StandardSave(arrays[name]) for name in ARRAY_ITEMS}
+    args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    args["config"] = ocp.args.JsonSave(config_lib.to_json(config))
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, step: int, abstract: dict[str, Any], data_iterator: Any | None = None
+              ) -> dict[str, Any]:
+    """Restores the items named in `abstract` (trees of ShapeDtypeStruct with shardings).
+
+    The data iterator, if given, is restored in place. Everything is read before anything is
+    returned, so a failure leaves the caller's state untouched.
+    """
+    self._check_step(step)
+    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} does not match "
+                            f"the model or is incomplete: {e}") from e
+    return {name: restored[name] for name in abstract}
+
+  def restore_config(self, step: int) -> ml_collections.ConfigDict:
+    self._check_step(step)
+    text = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_lib.from_json(text["config"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def _check_step(self, step: int) -> None:
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"no checkpoint for step {step} in {self.manager.directory}; "
+                            f"available steps: {sorted(self.manager.all_steps())}")
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays, the target of a restore."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

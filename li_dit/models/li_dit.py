@@ -1,0 +1,96 @@
+"""LI-DiT: frozen-LLM features -> token refiners -> collaborative refiner -> DiT.
+
+The frozen LLMs themselves are not part of this module (they are not trained and not
+checkpointed with the run); it receives their features. Each LLM's features arrive in two parts:
+the instruction prefix [P,D], identical for every prompt because the LLM is causal (computed
+once), and the per-prompt tokens [B,L,D] with their padding mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from li_dit.models import dit as dit_lib
+from li_dit.models import layers
+from li_dit.models import refiner as refiner_lib
+
+
+class TextFeatures(NamedTuple):
+  """One LLM's features for a batch of prompts.
+
+  prefix: [P,Dllm] the instruction prefix (shared by every prompt).
+  tokens: [B,L,Dllm] the prompt part (prompt tokens, chat-template suffix, padding).
+  mask: [B,L] bool, True on valid tokens.
+  """
+  prefix: jax.Array
+  tokens: jax.Array
+  mask: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the trainable part (refiners + DiT); see configs/*.py `config.model`."""
+  patch_size: int = 2
+  channels: int = 3
+  width: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  pos_kernel_size: int = 3
+  refiner_depth: int = 2
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+class LIDiT(nn.Module):
+  """The trainable LI-DiT model.
+
+  Attributes:
+    config: architecture.
+    num_llms: how many LLM branches feed the model (collaborative refiner when >= 2).
+  """
+  config: ModelConfig
+  num_llms: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, text: Sequence[TextFeatures]) -> jax.Array:
+    """x [B,H,W,C] noisy input, t [B] in [0,1], text: one TextFeatures per LLM -> [B,H,W,C]."""
+    cfg = self.config
+    if len(text) != self.num_llms:
+      raise ValueError(f"LIDiT was built for {self.num_llms} LLM(s), got features of {len(text)}")
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    t_emb = layers.TimestepEmbedder(cfg.width, name="t_embedder", **kw)(t)
+
+    tokens, masks, conds, prefix_lens = [], [], [], []
+    for i, feats in enumerate(text):
+      batch = feats.tokens.shape[0]
+      prefix_len = feats.prefix.shape[0]
+      full = jnp.concatenate(
+          [jnp.broadcast_to(feats.prefix[None].astype(feats.tokens.dtype),
+                            (batch,) + feats.prefix.shape), feats.tokens], axis=1)
+      mask = jnp.concatenate([jnp.ones((batch, prefix_len), bool), feats.mask], axis=1)
+      refined, c = refiner_lib.TokenRefiner(
+          cfg.width, cfg.refiner_depth, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm,
+          name=f"token_refiner_{i}", **kw)(full, mask, t_emb)
+      tokens.append(refined)
+      masks.append(mask)
+      conds.append(c)
+      prefix_lens.append(prefix_len)
+    if self.num_llms > 1:
+      tokens = refiner_lib.CollaborativeRefiner(
+          cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, name="collaborative_refiner", **kw)(
+              tokens, masks, conds)
+    text_tokens, text_mask = refiner_lib.drop_instruction_tokens(tokens, masks, prefix_lens)
+    text_tokens = layers.constrain(text_tokens, ("batch", "text_length", "embed"))
+    return dit_lib.DiT(
+        patch_size=cfg.patch_size, channels=cfg.channels, width=cfg.width, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm,
+        pos_kernel_size=cfg.pos_kernel_size, scan_layers=cfg.scan_layers, remat=cfg.remat,
+        name="dit", **kw)(x, t_emb, text_tokens, text_mask)

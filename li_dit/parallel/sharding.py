@@ -1,0 +1,110 @@
+"""Device mesh, logical-axis rules and host <-> global array helpers.
+
+Parameters and activations carry logical axis names (li_dit.models.layers); one rules table
+(`config.sharding_rules`) maps each name to mesh axes. The mesh has the axes `data` (pure data
+parallelism), `fsdp` (data parallelism with parameters and optimizer state sharded) and `tensor`
+(model parallelism inside matmuls). One device is a mesh too, so the same code runs everywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes. Batch is split over every data-parallel axis; weights over fsdp
+# (their "embed" side) and tensor (their "mlp"/"heads" side).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("text_length", None),
+    ("embed", "fsdp"),
+    ("embed_in", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("modulation", "tensor"),
+    ("layers", None),
+    ("conv_h", None),
+    ("conv_w", None),
+)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves the mesh sizes (one of them may be -1: the rest of the devices).
+
+  Raises ValueError naming the sizes when they do not multiply to `num_devices`.
+  """
+  unknown = [a for a in sizes if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh size may be -1, got {dict(zip(MESH_AXES, shape))}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                     f"there are {num_devices}")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+  """Config rules (a list of [name, axes] pairs, axes None, a str or a list) as a tuple."""
+  if rules is None:
+    return DEFAULT_RULES
+  out = []
+  for name, axes in rules:
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None and a not in MESH_AXES:
+        raise ValueError(f"sharding rule for {name!r} names mesh axis {a!r}; "
+                         f"the mesh axes are {MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
+  """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules) -> NamedSharding:
+  """Sharding of a [B,...] batch array: B over the data-parallel axes, the rest replicated."""
+  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  """How many ways the batch is split."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  axes = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def host_to_global(local_batch: Any, mesh: Mesh, rules) -> Any:
+  """Each host's slice of the batch (numpy, [B/hosts,...]) -> global jax Arrays [B,...]."""
+  def put(x):
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
+  return jax.tree_util.tree_map(put, local_batch)

@@ -1,0 +1,167 @@
+"""From captions to the per-LLM `TextFeatures` the model reads, online or from a cached table.
+
+online  The train step runs each frozen LLM on the batch's token ids (the data workers
+        tokenize). The default at scale: nothing to precompute or store.
+cached  Features of every caption a finite source can produce are computed once (and stored in
+        the workdir); the data workers emit caption ids and the train step gathers rows of the
+        table. For small runs, where the LLM forward would dominate the step.
+
+Either way the instruction prefix is encoded once per LLM and shared by every prompt, and the
+classifier-free-guidance null condition is the empty prompt "" through the same path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from li_dit.models.li_dit import TextFeatures
+from li_dit.text import encoders as encoders_lib
+from li_dit.text import prompts as prompts_lib
+
+ONLINE, CACHED = "online", "cached"
+
+
+class TokenizeCaptions:
+  """Data-worker transform (picklable): caption -> token ids and mask for every LLM.
+
+  Returns {"tokens/<llm>": int32 [L], "mask/<llm>": bool [L], "truncated": int32 (0/1: the
+  caption was cut to fit at least one LLM's token limit)}.
+  """
+
+  def __init__(self, tokenizers: Mapping[str, tuple[Any, prompts_lib.PromptLayout]]):
+    self._tokenizers = dict(tokenizers)
+
+  def __call__(self, caption: str) -> dict[str, np.ndarray]:
+    out, truncated = {}, 0
+    for name, (tokenizer, layout) in self._tokenizers.items():
+      t = prompts_lib.tokenize_prompts(tokenizer, layout, [caption])
+      out[f"tokens/{name}"] = t.tokens[0]
+      out[f"mask/{name}"] = t.mask[0]
+      truncated = max(truncated, int(t.num_truncated))
+    out["truncated"] = np.int32(truncated)
+    return out
+
+
+class CaptionIds:
+  """Data-worker transform (picklable): caption -> its row in the cached feature table."""
+
+  def __init__(self, captions: Sequence[str]):
+    self._index = {c: i for i, c in enumerate(captions)}
+
+  def __call__(self, caption: str) -> dict[str, np.ndarray]:
+    if caption not in self._index:
+      raise KeyError(f"caption {caption!r} is not in the cached feature table; cached text "
+                     "features need a source with a fixed caption set (use text.encode=online)")
+    return {"caption_id": np.int32(self._index[caption]), "truncated": np.int32(0)}
+
+
+class TextConditioner:
+  """The frozen text side of a run: its LLMs, their shared prefixes and, if cached, the table.
+
+  `frozen` is a pytree of arrays (LLM weights, prefix states, tables) passed into jitted
+  functions as an argument, never closed over, so it is sharded like anything else and not
+  baked into the compiled program as a constant.
+  """
+
+  def __init__(self, encoders: Mapping[str, encoders_lib.PromptEncoder], mode: str,
+               batch_size: int = 64):
+    if mode not in (ONLINE, CACHED):
+      raise ValueError(f"text mode {mode!r} is not one of {(ONLINE, CACHED)}")
+    self.encoders = dict(encoders)
+    self.names = tuple(self.encoders)
+    self.mode = mode
+    self._batch_size = batch_size
+    self._encode = jax.jit(self._encode_tokens)
+    self.prefixes = {n: jax.jit(e.compute_prefix)(e.params) for n, e in self.encoders.items()}
+    self.captions: tuple[str, ...] = ()
+    self.tables: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+  # -- host side --------------------------------------------------------------------------------
+  def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Prompts -> {"tokens/<llm>": [B,L], "mask/<llm>": [B,L]} for every LLM."""
+    out = {}
+    for name, enc in self.encoders.items():
+      t = enc.tokenize(list(prompts))
+      out[f"tokens/{name}"], out[f"mask/{name}"] = t.tokens, t.mask
+    return out
+
+  def data_transform(self):
+    """The picklable caption transform the data workers apply in this mode."""
+    if self.mode == ONLINE:
+      return TokenizeCaptions({n: (e.tokenizer, e.layout) for n, e in self.encoders.items()})
+    return CaptionIds(self.captions)
+
+  def encode_prompts(self, prompts: Sequence[str]) -> list[TextFeatures]:
+    """Runs the LLMs on `prompts` now (online, in batches): one TextFeatures per LLM, [B,...]."""
+    chunks = []
+    for start in range(0, len(prompts), self._batch_size):
+      part = list(prompts[start:start + self._batch_size])
+      pad = self._batch_size - len(part) if start else 0  # One compiled shape after the first.
+      tokens = self.tokenize(part + [""] * pad)
+      feats = self._encode(self._llm_state(), tokens)
+      chunks.append([TextFeatures(f.prefix, f.tokens[:len(part)], f.mask[:len(part)])
+                     for f in feats])
+    return [TextFeatures(chunks[0][i].prefix,
+                         jnp.concatenate([c[i].tokens for c in chunks]),
+                         jnp.concatenate([c[i].mask for c in chunks])) for i in range(len(self.names))]
+
+  def build_table(self, captions: Sequence[str], cache_dir: str | None = None) -> None:
+    """Computes (or loads from `cache_dir`) the features of every caption plus "" (cached mode)."""
+    captions = tuple(sorted(set(captions) | {""}))
+    self.captions = captions
+    for name, enc in self.encoders.items():
+      path = None
+      if cache_dir:
+        key = hashlib.sha256(json.dumps([enc.cache_key(), captions]).encode()).hexdigest()[:16]
+        path = os.path.join(cache_dir, f"{name}-{key}.npz")
+        if os.path.exists(path):
+          with np.load(path) as f:
+            self.tables[name] = (jnp.asarray(f["tokens"]), jnp.asarray(f["mask"]))
+          logging.info("text features of %d captions for %s loaded from %s", len(captions),
+                       name, path)
+          continue
+      feats = TextConditioner(
+          {name: enc}, ONLINE, self._batch_size).encode_prompts(captions)[0]
+      self.tables[name] = (feats.tokens, feats.mask)
+      if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, tokens=np.asarray(feats.tokens), mask=np.asarray(feats.mask))
+        os.replace(tmp, path)  # Never leave a half-written table under the final name.
+
+  # -- device side ------------------------------------------------------------------------------
+  def frozen(self) -> dict[str, Any]:
+    """The arrays the jitted text path needs, as a pytree."""
+    if self.mode == ONLINE:
+      return self._llm_state()
+    if not self.tables:
+      raise RuntimeError("cached text mode: call build_table() first")
+    return {n: {"prefix": self.prefixes[n].features, "table": self.tables[n]} for n in self.names}
+
+  def features(self, frozen: Mapping[str, Any], text_batch: Mapping[str, jax.Array]
+               ) -> list[TextFeatures]:
+    """Pure and jit-able: a batch's text inputs -> one TextFeatures per LLM (no gradient)."""
+    if self.mode == ONLINE:
+      return self._encode_tokens(frozen, text_batch)
+    ids = text_batch["caption_id"]
+    return [TextFeatures(frozen[n]["prefix"], frozen[n]["table"][0][ids],
+                         frozen[n]["table"][1][ids]) for n in self.names]
+
+  def _llm_state(self) -> dict[str, Any]:
+    return {n: {"params": e.params, "prefix": self.prefixes[n]} for n, e in self.encoders.items()}
+
+  def _encode_tokens(self, frozen, text_batch) -> list[TextFeatures]:
+    out = []
+    for name, enc in self.encoders.items():
+      state = frozen[name]
+      feats = enc.encode(state["params"], state["prefix"], text_batch[f"tokens/{name}"],
+                         text_batch[f"mask/{name}"])
+      out.append(TextFeatures(state["prefix"].features, feats, text_batch[f"mask/{name}"]))
+    return out

@@ -12,12 +12,70 @@ import re
 import sys
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
+from li_dit.diffusion import samplers
+
 DTYPES = ("float32", "bfloat16")
 TEXT_MODES = ("online", "cached")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field a training config has, with defaults; config files change what differs.
+
+  Keeping the schema in one place is what lets a locked config reject unknown override keys.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 100_000
+  config.log_every = 50
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.sample_every = 5000  # 0: no sample grids during training.
+
+  config.input = dict(
+      source="shapes",
+      data_seed=0,            # The data itself (for the shapes source: held-out split, scenes).
+      seed=0,                 # Shuffle order and caption dropout.
+      image_size=256,         # Side of the model's square input, in pixels (or latent pixels).
+      batch_size=256,         # Global, over all hosts and devices.
+      caption_dropout=0.1,    # Trains the "" (null) condition for classifier-free guidance.
+      num_workers=2,          # Data worker processes (0: in the training process).
+      prefetch_buffer=4,      # Batches buffered per worker.
+  )
+
+  # One entry per frozen LLM, keyed by a name (sorted names give the branch order).
+  # encode: "online" runs the LLMs in the train step; "cached" precomputes every caption's
+  # features once (sources with a fixed caption set only).
+  config.text = dict(encode="online", llms={})
+
+  config.model = dict(
+      patch_size=2, channels=3, width=1152, depth=28, num_heads=16, mlp_ratio=4.0,
+      qk_norm=True, pos_kernel_size=3, refiner_depth=2, scan_layers=True, remat="none",
+      dtype="float32", param_dtype="float32")
+
+  # Rectified flow: logit-normal t (mean, std), shifted by base_shift * sqrt(pixels / base_size^2).
+  config.flow = dict(t_mean=0.0, t_std=1.0, base_size=256, base_shift=1.0)
+
+  config.optim = dict(lr=1e-4, warmup_steps=1000, final_lr_ratio=0.1, b1=0.9, b2=0.999,
+                      eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999)
+
+  # Sample grids written during training (and the defaults of li_dit.sample).
+  config.sample = dict(prompts=(), steps=30, cfg=4.5, sampler="heun", seed=0)
+
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # None: li_dit.parallel.sharding.DEFAULT_RULES; else a list of [logical name, mesh axes].
+  config.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+  return config
+
+
+def llm_config(path: str, *, layer: int = -3, max_tokens: int = 128, template: str = "paper",
+               dtype: str = "bfloat16", hidden_size: int | None = None) -> dict[str, Any]:
+  """One `config.text.llms` entry. `hidden_size`: the LLM's width, needed only to plan a model
+  without its files (tools/param_count.py); checked against the files when they are loaded."""
+  return dict(path=path, layer=layer, max_tokens=max_tokens, template=template, dtype=dtype,
+              hidden_size=ml_collections.FieldReference(hidden_size, field_type=int))
 
 
 class ConfigError(ValueError):
@@ -88,11 +146,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 <= o.warmup_steps <= config.total_steps, "optim.warmup_steps",
            f"must be in [0, total_steps={config.total_steps}], got {o.warmup_steps}")
   _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
-  from li_dit.diffusion import samplers  # Late import: keeps this module free of jax setup.
   _require(config.sample.sampler in samplers.SAMPLERS, "sample.sampler",
            f"{config.sample.sampler!r} is not one of {samplers.SAMPLERS}")
   _require(config.sample.steps >= 1, "sample.steps", "must be >= 1")
-
-
-def dtype(name: str) -> Any:
-  return jnp.dtype(name)

@@ -1,0 +1,66 @@
+r"""CPU demo: LI-DiT on synthetic coloured shapes at 32x32 pixels, SmolLM2-135M-Instruct as the
+prompt encoder.
+
+  python -m li_dit.train --config configs/demo.py --workdir workdirs/demo
+  python -m li_dit.evaluate --workdir workdirs/demo --benchmark shapes --out workdirs/demo/shapes.json
+
+On 2 CPU cores the default trains in about 12 minutes and reaches, on held-out prompts never seen
+in training, colour accuracy >= 0.8 and left/right position accuracy >= 0.7.
+
+Variants, `--config configs/demo.py:<variant>`:
+  smoke   the same pipeline at a tiny size, about a minute (used by the tests).
+"""
+import ml_collections as mlc
+
+from li_dit import config_lib
+
+SAMPLE_PROMPTS = (
+    "a red circle to the left of a blue square",
+    "a blue square to the left of a red circle",
+    "a yellow triangle above a green circle",
+    "two purple squares",
+    "three orange circles",
+    "a green triangle",
+    "a blue circle to the right of a yellow square",
+    "a purple triangle below an orange circle",
+)
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  """The demo config; `arg` selects a variant (see the module docstring)."""
+  variant = arg or "default"
+  if variant not in ("default", "smoke"):
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r}; choose 'smoke' or nothing")
+  config = config_lib.default_config()
+  config.total_steps = 2000
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.sample_every = 1000
+
+  config.input.update(source="shapes", image_size=32, batch_size=64, num_workers=1)
+
+  # Small runs cache the LLM features of every caption of the finite shapes grammar once, so
+  # the train step runs the refiners and the DiT only.
+  config.text.encode = "cached"
+  config.text.llms.smollm2 = config_lib.llm_config(
+      "smollm2-135m-instruct", layer=-3, max_tokens=24, template="paper", dtype="float32")
+
+  config.model.update(patch_size=2, channels=3, width=256, depth=6, num_heads=4,
+                      scan_layers=False)
+  config.flow.base_size = 32
+  config.optim.update(lr=1e-3, warmup_steps=100, b2=0.99, weight_decay=0.01, ema_decay=0.999)
+  config.sample.update(prompts=SAMPLE_PROMPTS, steps=20, cfg=4.0)
+
+  if variant == "smoke":
+    config.total_steps = 12
+    config.log_every = 2
+    config.checkpoint_every = 5
+    config.sample_every = 12
+    config.input.update(batch_size=8, num_workers=0)
+    # Online encoding: the LLM runs inside the train step (no feature table to build).
+    config.text.encode = "online"
+    config.text.llms.smollm2.max_tokens = 16
+    config.optim.warmup_steps = 2
+    config.model.update(width=64, depth=2, num_heads=2)
+    config.sample.update(steps=4, prompts=SAMPLE_PROMPTS[:4])
+  return config

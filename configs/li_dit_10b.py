@@ -1,0 +1,32 @@
+r"""LI-DiT-10B (paper Table 7: depth 48, width 2816, 44 heads), the same text side and latent
+space as LI-DiT-1B.
+
+  python -m li_dit.train --config configs/li_dit_10b.py --workdir gs://BUCKET/li_dit_10b \
+      --config.text.llms.llama3.path=/path/to/Meta-Llama-3-8B-Instruct \
+      --config.text.llms.qwen15.path=/path/to/Qwen1.5-7B-Chat
+
+  python tools/param_count.py --config configs/li_dit_10b.py   # the trainable parameters
+
+512px images (64x64x16 latents), global batch 4096, parameters and optimizer state sharded over
+`fsdp` with rematerialised blocks.
+"""
+import importlib.util
+import os
+
+import ml_collections as mlc
+
+
+def _load_sibling(name: str):
+  """Imports configs/<name>.py by path, so this file works wherever the repo is."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"li_dit_configs.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  config = _load_sibling("li_dit_1b").get_config(arg)
+  config.input.update(image_size=64, batch_size=4096)  # 512px images -> 64x64 latents.
+  config.model.update(width=2816, depth=48, num_heads=44, remat="full")
+  return config

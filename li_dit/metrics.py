@@ -1,0 +1,84 @@
+"""Training metrics: metrics.jsonl, TensorBoard event files and the progress line."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+# Metrics that are counts within a step: summed over a logging interval, not averaged.
+SUMMED = ("truncated_captions",)
+
+
+def average(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Per-step metric dicts (device scalars) -> one dict: means, and sums for SUMMED keys.
+
+  One device_get for the whole interval, so logging costs one host sync, not one per step.
+  """
+  host = jax.device_get(list(step_metrics))
+  out = {}
+  for key in host[0]:
+    values = np.asarray([m[key] for m in host], np.float64)
+    if key in SUMMED:
+      out[key] = float(values.sum())
+    else:
+      out[key] = float(clu_metrics.Average.from_model_output(values).compute())
+  return out
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # Only the writing process needs it.
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    for key, value in metrics.items():
+      self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Steps/s, examples/s and ETA between logging points (compilation excluded after step 1)."""
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self._start_time = self._last_time
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    return {"steps_per_sec": steps_per_sec,
+            "examples_per_sec": steps_per_sec * self.batch_size,
+            "eta_seconds": (self.total_steps - step) / max(steps_per_sec, 1e-9),
+            "elapsed_seconds": now - self._start_time}
+
+  def line(self, step: int, m: Mapping[str, float]) -> str:
+    eta = int(m["eta_seconds"])
+    extra = f" | truncated {int(m['truncated_captions'])}" if m.get("truncated_captions") else ""
+    return (f"step {step}/{self.total_steps} | loss {m['loss']:.4f} | grad_norm "
+            f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['steps_per_sec']:.2f} steps/s | "
+            f"{m['examples_per_sec']:.1f} ex/s | ETA {eta // 3600}h{eta % 3600 // 60:02d}m"
+            f"{eta % 60:02d}s{extra}")

@@ -1,0 +1,153 @@
+"""Frozen LLM prompt encoders: tokenizer + prompt layout + truncated LLM, run online.
+
+The fixed prefix (system prompt + instruction) is encoded once by `compute_prefix`; `encode` then
+runs only the prompt rows, attending to the cached prefix keys/values. For a causal LLM this is
+exact: `join_prefix(prefix, encode(...))` equals `encode_full(...)` (up to float rounding).
+
+Shapes: B prompts, P prefix tokens, L row tokens, D LLM width, G key/value heads, K head dim.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import transformers
+
+from li_dit.io import gguf as gguf_io
+from li_dit.models import llm
+from li_dit.text import prompts as prompts_lib
+
+Params = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class PrefixState(NamedTuple):
+  """The encoded prefix: features [P,D] and per-block (k, v) [1,P,G,K] (a pytree)."""
+  features: jax.Array
+  kv: llm.PrefixKV
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+  """What `PromptEncoder` loads.
+
+  Attributes:
+    name: short name of this encoder (e.g. "smollm2").
+    path: a registry name (see `li_dit.io.gguf.resolve_llm_path`) or a GGUF file.
+    max_tokens: prompt tokens kept per row (longer prompts are truncated and counted).
+    layer: feature layer in Hugging Face `hidden_states` indexing.
+    template: prompt template, "paper" or "none" (`li_dit.text.prompts.TEMPLATES`).
+    dtype: parameter and compute dtype, "float32" or "bfloat16".
+    hidden_size: the LLM's width if known without its files (to plan models); checked on load.
+  """
+  name: str
+  path: str
+  max_tokens: int
+  layer: int = -3
+  template: str = "paper"
+  dtype: str = "float32"
+  hidden_size: int | None = None
+
+
+def load_llm(path: str, layer: int, dtype: Any
+             ) -> tuple[llm.LLMConfig, Params, transformers.PreTrainedTokenizerBase]:
+  """(config, params, tokenizer) of the LLM at resolved `path`, dispatching on the file format."""
+  if path.endswith(".gguf"):
+    return gguf_io.load_gguf_llm(path, layer=layer, dtype=dtype)
+  raise ValueError(f"Cannot load LLM {path!r}: only GGUF files are supported so far.")
+
+
+def llm_width(config: Mapping[str, Any]) -> int:
+  """D of a configured LLM (an EncoderSpec mapping): `hidden_size` if set, else from its file."""
+  if config.get("hidden_size") is not None:
+    return int(config["hidden_size"])
+  path = gguf_io.resolve_llm_path(config["path"])
+  if path.endswith(".gguf"):
+    return gguf_io.read_gguf_config(path).hidden_size
+  raise ValueError(f"Cannot read LLM {path!r}: only GGUF files are supported so far.")
+
+
+class PromptEncoder:
+  """One frozen LLM with its tokenizer and prompt layout.
+
+  `encode`, `compute_prefix` and `encode_full` are pure functions of `params` (passed in, never
+  closed over) so they can run inside other jitted functions, e.g. the train step.
+  """
+
+  def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any):
+    """Builds from a config mapping (e.g. an ml_collections.ConfigDict) and/or keyword fields."""
+    self.spec = EncoderSpec(**{**dict(config.items() if config else ()), **kwargs})
+    if self.spec.dtype not in _DTYPES:
+      raise ValueError(f"Unknown LLM dtype {self.spec.dtype!r}; valid: {', '.join(_DTYPES)}.")
+    self.name = self.spec.name
+    self.path = gguf_io.resolve_llm_path(self.spec.path)
+    dtype = _DTYPES[self.spec.dtype]
+    self.config, self.params, self.tokenizer = load_llm(self.path, self.spec.layer, dtype)
+    if self.spec.hidden_size not in (None, self.config.hidden_size):
+      raise ValueError(f"LLM {self.name!r} is configured with hidden_size={self.spec.hidden_size}"
+                       f" but {self.path} has hidden_size={self.config.hidden_size}.")
+    self.layout = prompts_lib.build_layout(self.tokenizer, self.spec.template,
+                                           self.spec.max_tokens)
+    self.module = llm.DecoderLLM(self.config, layer=self.spec.layer, dtype=dtype,
+                                 param_dtype=dtype)
+
+  @property
+  def width(self) -> int:
+    """D: the feature width."""
+    return self.config.hidden_size
+
+  def cache_key(self) -> dict[str, Any]:
+    """JSON-able identity of the features this encoder produces (to key cached features)."""
+    stat = os.stat(self.path)
+    return dict(path=os.path.realpath(self.path), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                layer=self.spec.layer, template=self.spec.template,
+                max_tokens=self.spec.max_tokens, dtype=self.spec.dtype)
+
+  def tokenize(self, prompts: Sequence[str]) -> prompts_lib.TokenizedPrompts:
+    """Prompt rows: tokens [B,L] int32, mask [B,L] bool (numpy), truncation count."""
+    return prompts_lib.tokenize_prompts(self.tokenizer, self.layout, prompts)
+
+  def compute_prefix(self, params: Params) -> PrefixState:
+    """Encodes the shared prefix once: features [P,D] and per-block (k, v) [1,P,G,K]."""
+    prefix_len = self.layout.prefix_len
+    if prefix_len == 0:
+      kv = jnp.zeros((1, 0, self.config.num_kv_heads, self.config.head_dim), self.module.dtype)
+      num_blocks = llm.blocks_for_layer(self.config.num_layers, self.spec.layer)
+      return PrefixState(jnp.zeros((0, self.width), self.module.dtype),
+                         tuple((kv, kv) for _ in range(num_blocks)))
+    tokens = jnp.asarray([self.layout.prefix_ids], jnp.int32)
+    features, kv = self.module.apply({"params": params}, tokens, jnp.ones_like(tokens, bool),
+                                     return_kv=True)
+    return jax.lax.stop_gradient(PrefixState(features[0], kv))
+
+  def encode(self, params: Params, prefix: PrefixState, tokens: jax.Array, mask: jax.Array
+             ) -> jax.Array:
+    """Features [B,L,D] of prompt rows tokens/mask [B,L], after the cached prefix."""
+    features = self.module.apply({"params": params}, tokens, mask, prefix_kv=prefix.kv)
+    return jax.lax.stop_gradient(features)
+
+  def encode_full(self, params: Params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Features [B,P+L,D] of [prefix | row] for rows tokens/mask [B,L], without prefix reuse."""
+    batch = tokens.shape[0]
+    prefix = jnp.broadcast_to(jnp.asarray(self.layout.prefix_ids, jnp.int32),
+                              (batch, self.layout.prefix_len))
+    full_tokens = jnp.concatenate([prefix, jnp.asarray(tokens, jnp.int32)], axis=1)
+    full_mask = jnp.concatenate([jnp.ones_like(prefix, bool), jnp.asarray(mask, bool)], axis=1)
+    return jax.lax.stop_gradient(self.module.apply({"params": params}, full_tokens, full_mask))
+
+
+def join_prefix(prefix: PrefixState, features: jax.Array, mask: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """Full-sequence features [B,P+L,D] and mask [B,P+L] from the prefix and row features [B,L,D].
+
+  The instruction span is [0, P): the refiners keep it and drop it only at the end.
+  """
+  batch, prefix_len = features.shape[0], prefix.features.shape[0]
+  prefix_features = jnp.broadcast_to(jnp.asarray(prefix.features, features.dtype),
+                                     (batch,) + prefix.features.shape)
+  return (jnp.concatenate([prefix_features, features], axis=1),
+          jnp.concatenate([jnp.ones((batch, prefix_len), bool), jnp.asarray(mask, bool)], axis=1))

@@ -144,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # Shapes and shardings without allocating anything, then the real init, sharded at birth.
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
   logical_specs = nn.get_partition_spec(abstract)
-  with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state_shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
   state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
       jax.random.key(config.seed))
@@ -161,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   step_fn = make_train_step(model, conditioner, tx, schedule, config, shift)
   batch_shardings = None  # Inferred from the global arrays host_to_global makes.
-  with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, None, batch_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
 
@@ -182,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   for step in range(start + 1, config.total_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = sharding.host_to_global(next(data_iter), mesh, rules)
-      with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = train_step(state, frozen, batch)
     pending.append(metrics)
     last = step == config.total_steps

@@ -147,7 +147,9 @@ class MLP(nn.Module):
     d = x.shape[-1]
     h = Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
               name="fc1")(x)
-    h = constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+    h = nn.gelu(h, approximate=True)
+    if h.ndim == 3:  # Token activations [B,T,hidden]; a pooled [B,hidden] is small.
+      h = constrain(h, ("batch", "length", "mlp"))
     return Dense(d, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                  name="fc2")(h)
 

@@ -63,7 +63,9 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  # Auto axes: XLA propagates shardings from the annotated params, inputs and constraints.
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:

@@ -8,6 +8,7 @@ wrong type, stops the program with a message naming the flag before any model co
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import Any, Sequence
@@ -88,17 +89,18 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   ml_collections reports an unknown key as a bare KeyError from deep inside its parser; this
   names the offending `--config.…` flag and the suggestion it makes.
   """
+  prog = os.path.basename(argv[0])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"{argv[0]}: {e}")
+    sys.exit(f"{prog}: {e}")
   except (AttributeError, KeyError) as e:
     message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
     key = re.match(r"'?([^'\s]+)'?", message)
     bad = [a for a in argv[1:] if a.startswith("--config.") and key and
            key.group(1) in re.split(r"[.=]", a[len("--config."):])]
     where = bad[0] if bad else "a --config override"
-    sys.exit(f"{argv[0]}: {where}: no such config key ({message})")
+    sys.exit(f"{prog}: {where}: no such config key ({message})")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -10,11 +10,9 @@ a checkpoint at the current step before exiting.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import flax
@@ -218,7 +216,12 @@ def _example_text_batch(conditioner: conditioning.TextConditioner) -> dict[str, 
 
 def main(argv):
   del argv
-  train(_CONFIG.value, _WORKDIR.value)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO.
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"li_dit.train: {e}")
 
 
 if __name__ == "__main__":

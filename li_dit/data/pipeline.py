@@ -12,6 +12,7 @@ from typing import Any, Callable
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from li_dit.data import shapes
 
@@ -83,6 +84,9 @@ def make_train_dataset(input_config: ml_collections.ConfigDict,
   ds = ds.batch(local_batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if input_config.num_workers > 0:
+    # grain's workers read absl flags; outside an absl app (tests, notebooks) nobody parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=input_config.num_workers,
         per_worker_buffer_size=input_config.prefetch_buffer))

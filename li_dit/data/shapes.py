@@ -3,9 +3,9 @@
 Every caption comes from a small finite grammar, so a tiny model can learn it at 32x32 pixels in
 minutes and `li_dit.data.shapes_score` can check generated images against what the prompt asked:
 
-  count captions:     "a red circle", "an orange square", "two blue squares", "three green triangles"
-  relation captions:  "a red circle to the left of a blue square"  (also "to the right of",
-                      "above", "below"; the two objects always have different colours)
+  count captions:    "a red circle", "an orange square", "two blue squares", "three green triangles"
+  relation captions: "a red circle to the left of a blue square"  (also "to the right of",
+                     "above", "below"; the two objects always have different colours)
 
 6 colours x 3 shapes x 3 counts = 54 count captions, and 6x5 colour pairs x 3x3 shapes x 4
 relations = 1080 relation captions: 1134 in all.

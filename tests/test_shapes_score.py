@@ -25,7 +25,7 @@ def test_ground_truth_scores_high(records):
   assert acc["colour_accuracy"] == 1.0 and acc["count_accuracy"] == 1.0
   assert acc["position_accuracy"] == 1.0
   assert acc["lr_position_accuracy"] == 1.0 and acc["ud_position_accuracy"] == 1.0
-  assert acc["shape_accuracy"] >= 0.97
+  assert acc["shape_accuracy"] >= 0.97 and acc["all_accuracy"] >= 0.97
 
 
 def test_heldout_ground_truth_scores_high():

@@ -30,6 +30,17 @@ class TextFeatures(NamedTuple):
   tokens: jax.Array
   mask: jax.Array
 
+  def with_prefix(self) -> tuple[jax.Array, jax.Array]:
+    """The full sequences: features [B,P+L,D] and mask [B,P+L] (the prefix is always valid).
+
+    The instruction span is [0, P): the refiners keep it and drop it only at the end.
+    """
+    batch, prefix_len = self.tokens.shape[0], self.prefix.shape[0]
+    prefix = jnp.broadcast_to(self.prefix[None].astype(self.tokens.dtype),
+                              (batch,) + self.prefix.shape)
+    return (jnp.concatenate([prefix, self.tokens], axis=1),
+            jnp.concatenate([jnp.ones((batch, prefix_len), bool), self.mask], axis=1))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -70,19 +81,14 @@ class LIDiT(nn.Module):
 
     tokens, masks, conds, prefix_lens = [], [], [], []
     for i, feats in enumerate(text):
-      batch = feats.tokens.shape[0]
-      prefix_len = feats.prefix.shape[0]
-      full = jnp.concatenate(
-          [jnp.broadcast_to(feats.prefix[None].astype(feats.tokens.dtype),
-                            (batch,) + feats.prefix.shape), feats.tokens], axis=1)
-      mask = jnp.concatenate([jnp.ones((batch, prefix_len), bool), feats.mask], axis=1)
+      full, mask = feats.with_prefix()
       refined, c = refiner_lib.TokenRefiner(
           cfg.width, cfg.refiner_depth, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm,
           name=f"token_refiner_{i}", **kw)(full, mask, t_emb)
       tokens.append(refined)
       masks.append(mask)
       conds.append(c)
-      prefix_lens.append(prefix_len)
+      prefix_lens.append(feats.prefix.shape[0])
     if self.num_llms > 1:
       tokens = refiner_lib.CollaborativeRefiner(
           cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, name="collaborative_refiner", **kw)(

@@ -2,7 +2,8 @@
 
 The fixed prefix (system prompt + instruction) is encoded once by `compute_prefix`; `encode` then
 runs only the prompt rows, attending to the cached prefix keys/values. For a causal LLM this is
-exact: `join_prefix(prefix, encode(...))` equals `encode_full(...)` (up to float rounding).
+exact: the prefix features followed by `encode(...)` equal `encode_full(...)` (up to float
+rounding; `li_dit.models.li_dit.TextFeatures.with_prefix` joins them).
 
 Shapes: B prompts, P prefix tokens, L row tokens, D LLM width, G key/value heads, K head dim.
 """
@@ -139,15 +140,3 @@ class PromptEncoder:
     full_mask = jnp.concatenate([jnp.ones_like(prefix, bool), jnp.asarray(mask, bool)], axis=1)
     return jax.lax.stop_gradient(self.module.apply({"params": params}, full_tokens, full_mask))
 
-
-def join_prefix(prefix: PrefixState, features: jax.Array, mask: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-  """Full-sequence features [B,P+L,D] and mask [B,P+L] from the prefix and row features [B,L,D].
-
-  The instruction span is [0, P): the refiners keep it and drop it only at the end.
-  """
-  batch, prefix_len = features.shape[0], prefix.features.shape[0]
-  prefix_features = jnp.broadcast_to(jnp.asarray(prefix.features, features.dtype),
-                                     (batch,) + prefix.features.shape)
-  return (jnp.concatenate([prefix_features, features], axis=1),
-          jnp.concatenate([jnp.ones((batch, prefix_len), bool), jnp.asarray(mask, bool)], axis=1))

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = ["--config", os.path.join(REPO, "configs", "demo.py") + ":smoke", "--config.log_every=1"]
+# One grain worker process, as in the demo: the resume tests cover the workers' iterator state.
+SMOKE = ["--config", os.path.join(REPO, "configs", "demo.py") + ":smoke", "--config.log_every=1",
+         "--config.input.num_workers=1"]
 
 
 def _train_cmd(workdir, *overrides):

@@ -4,7 +4,7 @@ patchify -> ResBlock positional embedding on the token grid -> blocks of
 [self-attention -> cross-attention to text -> MLP], each sub-layer modulated by adaLN
 shift/scale/gate from c = t_emb + MLP(pooled text) -> adaLN final layer -> unpatchify.
 
-There is no absolute (sin-cos) or rotary position embedding: the 3x3 convolutions' zero padding
+There is no absolute (sin-cos) or rotary position embedding: the convolutions' zero padding
 tells tokens where the borders are, so the same weights run at any resolution.
 """
 from __future__ import annotations

@@ -79,10 +79,7 @@ def _fan_aware(init: Initializer, in_shape: tuple[int, ...], out_shape: tuple[in
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm over the last axis, computed in float32.
-
-  `scale_plus_one` stores the scale as an offset from one (Gemma's convention).
-  """
+  """Root-mean-square norm over the last axis, computed in float32, with a learned scale."""
   epsilon: float = 1e-6
   use_scale: bool = True
   scale_axes: tuple[str | None, ...] = ("embed",)

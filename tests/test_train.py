@@ -111,18 +111,25 @@ def _logged_steps(workdir):
   return len(open(path).readlines()) if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, tmp_path, sig):
   reference, _ = reference_run
   workdir = tmp_path / "run"
+  # Its own process group: SIGKILL goes to the group, as when a scheduler or a preempted VM kills
+  # a job (the grain worker process dies with the trainer, as it would there). SIGTERM goes to the
+  # trainer alone, which checkpoints and shuts its workers down itself.
   proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
   if sig == signal.SIGKILL:  # After the (committed) step-5 checkpoint and two more steps.
     _wait_for(lambda: (workdir / "checkpoints" / "5").is_dir() and _logged_steps(workdir) >= 7,
               proc)
   else:  # Mid-run, before any periodic checkpoint.
     _wait_for(lambda: _logged_steps(workdir) >= 3, proc)
-  proc.send_signal(sig)
+  if sig == signal.SIGKILL:
+    os.killpg(proc.pid, sig)
+  else:
+    proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=300)
   killed_at = _logged_steps(workdir)
   assert killed_at < 12

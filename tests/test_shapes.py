@@ -3,7 +3,6 @@
 The scorer's behaviour on these renders is tested in test_shapes_score.py.
 """
 import pickle
-import time
 
 import grain
 import numpy as np
@@ -130,12 +129,3 @@ def test_source_in_a_grain_pipeline():
   batch = grain.MapDataset.source(source).batch(8)[1]
   assert batch["image"].shape == (8, 16, 16, 3)
   assert list(batch["caption"]) == [source[i]["caption"] for i in range(8, 16)]
-
-
-def test_render_speed():
-  source = shapes.ShapesSource()
-  start = time.perf_counter()
-  for i in range(500):
-    source[i]
-  per_record = (time.perf_counter() - start) / 500
-  print(f"ShapesSource: {per_record * 1e3:.3f} ms per 32x32 record")

@@ -6,7 +6,7 @@ prompt encoder.
 
 On 2 CPU cores the default trains in about 13 minutes (1800 steps, ~2.4 steps/s). Measured on the
 114 held-out prompts (never seen in training), 4 samples each: colour accuracy 0.88, count 0.72,
-left/right position 0.40 (chance level: the relation is not learned yet, see issue 2's notes).
+left/right position 0.40 (chance level: the spatial relation is not learned in this budget).
 
 Variants, `--config configs/demo.py:<variant>`:
   smoke   the same pipeline at a tiny size, about a minute (used by the tests).

@@ -23,14 +23,17 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
     "tokenizers==0.23.3",
+    # transformers' GGUF reader, which builds the tokenizer of a GGUF LLM, imports torch. The
+    # 2.13.0 pin is the CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.
+    "torch==2.13.0",
     "transformers==5.23.0",
 ]
 
 EXTRAS_REQUIRE = {
     # PyTorch reference implementations (transformers) for parity tests and the torch export.
     # torch 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
-    "torch": ["torch==2.13.0", "accelerate==1.15.0"],
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "accelerate==1.15.0"],
+    "torch": ["accelerate==1.15.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
 }

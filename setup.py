@@ -30,8 +30,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # PyTorch reference implementations (transformers) for parity tests and the torch export.
-    # torch 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+    # transformers' PyTorch models loading GGUF files (parity references, the torch export) also
+    # need accelerate; torch itself is in the base install.
     "torch": ["accelerate==1.15.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from li_dit.io import gguf as gguf_io
+from li_dit.io import hf, packaged
 from li_dit.models import li_dit
 from li_dit.models import llm
 from li_dit.text import encoders
@@ -35,7 +36,7 @@ def rows(encoder):
 @pytest.fixture(scope="module")
 def full_model():
   """All 30 blocks and the final norm, for layers other than the encoder's."""
-  config, params, _ = gguf_io.load_gguf_llm(gguf_io.resolve_llm_path(MODEL), layer=-1)
+  config, params = gguf_io.load_gguf_llm(packaged.resolve_llm_path(MODEL), layer=-1)
   return config, params
 
 
@@ -44,7 +45,7 @@ def reference_hidden_states(encoder, rows):
   """transformers' LLaMA loading the same GGUF: hidden_states over [prefix | row], and the mask."""
   torch = pytest.importorskip("torch")
   import transformers
-  path = gguf_io.resolve_llm_path(MODEL)
+  path = packaged.resolve_llm_path(MODEL)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
   tokens, mask = _full_sequences(encoder.layout, rows)
@@ -92,8 +93,8 @@ def test_other_layers_match_transformers(layer, encoder, rows, full_model,
 
 
 def test_only_needed_blocks_are_loaded(encoder):
-  blocks = {k for k in encoder.params if k.startswith("block_")}
-  assert blocks == {f"block_{i}" for i in range(28)}
+  blocks = {k for k in encoder.params if k.startswith("layers_")}
+  assert blocks == {f"layers_{i}" for i in range(28)}
   assert "final_norm" not in encoder.params
   assert encoder.width == 576
 
@@ -187,34 +188,35 @@ def test_loader_rejects_bad_layer(tmp_path):
 
 def test_loader_names_missing_tensor(tmp_path):
   path = _write_gguf(str(tmp_path / "tiny.gguf"))
-  with pytest.raises(ValueError, match=r"'blk\.0\.attn_k\.weight' \(for block_0/attn/k/kernel\) "
+  with pytest.raises(ValueError, match=r"'blk\.0\.attn_norm\.weight' \(for "
+                                       r"layers\.0\.input_layernorm\.weight, shape \(8,\)\) "
                                        r"is missing"):
     gguf_io.load_gguf_llm(path, layer=1)
 
 
 def test_check_params_names_tensor_and_shapes(encoder):
-  expected = gguf_io.expected_params(encoder.config, -3, jnp.float32)
+  expected = hf.expected_params(encoder.config, -3, jnp.float32)
   wrong = jax.tree.map(lambda x: x, encoder.params)
-  wrong["block_3"]["attn"]["q"]["kernel"] = jnp.zeros((576, 9, 32))
-  with pytest.raises(ValueError, match=r"block_3/attn/q/kernel has shape \(576, 9, 32\).*"
-                                       r"expected \(576, 9, 64\)"):
-    gguf_io.check_params(expected, wrong)
-  del wrong["block_3"]["mlp"]
-  with pytest.raises(ValueError, match="block_3/mlp/down/kernel is missing"):
-    gguf_io.check_params(expected, wrong)
+  wrong["layers_3"]["self_attn"]["q_proj"]["weight"] = jnp.zeros((9, 32, 576))
+  with pytest.raises(ValueError, match=r"layers_3/self_attn/q_proj/weight has shape "
+                                       r"\(9, 32, 576\).*expected \(9, 64, 576\)"):
+    hf.check_params(expected, wrong)
+  del wrong["layers_3"]["mlp"]
+  with pytest.raises(ValueError, match="layers_3/mlp/down_proj/weight is missing"):
+    hf.check_params(expected, wrong)
 
 
 def test_unsupported_architecture(tmp_path):
   path = _write_gguf(str(tmp_path / "gpt2.gguf"), arch="gpt2")
-  with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama"):
+  with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama, gemma3"):
     gguf_io.load_gguf_llm(path)
 
 
 def test_resolve_llm_path(tmp_path):
-  assert gguf_io.resolve_llm_path(MODEL).endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+  assert packaged.resolve_llm_path(MODEL).endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
   missing = str(tmp_path / "nope.gguf")
   with pytest.raises(FileNotFoundError, match="nope.gguf"):
-    gguf_io.resolve_llm_path(missing)
+    packaged.resolve_llm_path(missing)
 
 
 def test_bfloat16_tiny_model_is_finite():

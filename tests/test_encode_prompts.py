@@ -1,4 +1,5 @@
 """tools/encode_prompts.py run as a command on the real SmolLM2-135M-Instruct GGUF."""
+import json
 import os
 import re
 import subprocess
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
   # The same prompts as text (a blank line, CRLF endings) and as JSON lines.
   txt = _write(tmp / "prompts.txt", "\r\n".join([PROMPTS[0], "", *PROMPTS[1:]]).encode() + b"\r\n")
   jsonl = _write(tmp / "prompts.jsonl",
-                 "".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS).encode())
+                 "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS).encode())
   common = ["--llm", MODEL, "--max-tokens", str(MAX_TOKENS)]
   commands = {
       "one": common + ["--prompts", txt, "--layer", "-3"],
@@ -113,7 +114,7 @@ def test_single_layer_file(outputs, finished, encoder):
   assert (str(saved["template"]), int(saved["max_tokens"]), str(saved["dtype"])) == (
       "paper", MAX_TOKENS, "float32")
   summary = finished["one"][1]
-  assert "3 prompts (1 blank lines skipped), 2 truncated to 8 tokens, layer -3 of 30" in summary
+  assert "3 prompts (1 blank line(s) skipped), 2 truncated to 8 tokens, layer -3 of 30" in summary
   assert "tokens/s" in summary
 
 

@@ -63,7 +63,8 @@ _LAYER = flags.DEFINE_integer("layer", None, "Feature layer, HF hidden_states in
                               "(default -3).")
 _LAYERS = flags.DEFINE_enum("layers", None, ["all"], "Every hidden state instead of one layer.")
 _TEMPLATE = flags.DEFINE_enum("template", "paper", list(prompts_lib.TEMPLATES), "Prompt template.")
-_MAX_TOKENS = flags.DEFINE_integer("max-tokens", 128, "Prompt tokens kept per prompt.")
+_MAX_TOKENS = flags.DEFINE_integer("max-tokens", 128, "Prompt tokens kept per prompt.",
+                                   lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Parameter and compute dtype (features are saved as float32).")
 flags.mark_flags_as_required(["llm", "prompts", "out"])
@@ -153,25 +154,23 @@ def encode_prompts(encoder: encoders.PromptEncoder, prompts: list[str], all_laye
   start = time.perf_counter()
   rows = encoder.tokenize(prompts)
   num = len(prompts)
-  batch = min(BATCH_SIZE, num)
-  padded = math.ceil(num / batch) * batch
-  tokens = np.full((padded, rows.tokens.shape[1]), encoder.layout.pad_id, np.int32)
-  mask = np.zeros(tokens.shape, bool)  # Rows past `num` are all padding, then dropped.
-  tokens[:num], mask[:num] = rows.tokens, rows.mask
   prefix_ids = np.broadcast_to(np.asarray(encoder.layout.prefix_ids, np.int32),
                                (num, encoder.layout.prefix_len))
   full_tokens = np.concatenate([prefix_ids, rows.tokens], axis=1)
   full_mask = np.concatenate([np.ones(prefix_ids.shape, bool), rows.mask], axis=1)
+  batch = min(BATCH_SIZE, num)
+  padded = math.ceil(num / batch) * batch
+
+  def pad(x: np.ndarray, fill: int | bool) -> np.ndarray:
+    """x [N,...] -> [padded,...]: the last batch is filled up with all-padding rows, dropped."""
+    return np.concatenate([x, np.full((padded - num,) + x.shape[1:], fill, x.dtype)])
 
   if all_layers:
     def encode_batch(params, tokens, mask):
-      batch_prefix = jnp.broadcast_to(jnp.asarray(encoder.layout.prefix_ids, jnp.int32),
-                                      (tokens.shape[0], encoder.layout.prefix_len))
-      states = hidden_states(encoder.module, params, jnp.concatenate([batch_prefix, tokens], 1),
-                             jnp.concatenate([jnp.ones_like(batch_prefix, bool), mask], 1))
-      return states.astype(jnp.float32)
+      return hidden_states(encoder.module, params, tokens, mask).astype(jnp.float32)
 
     args = (encoder.params,)
+    inputs = (pad(full_tokens, encoder.layout.pad_id), pad(full_mask, False))
     layer_axis = (encoder.config.num_layers + 1,)
   else:
     def encode_batch(params, prefix, tokens, mask):
@@ -180,14 +179,15 @@ def encode_prompts(encoder: encoders.PromptEncoder, prompts: list[str], all_laye
       return features.astype(jnp.float32)
 
     args = (encoder.params, jax.jit(encoder.compute_prefix)(encoder.params))
+    inputs = (pad(rows.tokens, encoder.layout.pad_id), pad(rows.mask, False))
     layer_axis = ()
-  compiled = jax.jit(encode_batch).lower(*args, tokens[:batch], mask[:batch]).compile()
+  compiled = jax.jit(encode_batch).lower(*args, *(x[:batch] for x in inputs)).compile()
   jax.block_until_ready(args)
   setup_seconds = time.perf_counter() - start
 
   features = np.empty((num,) + layer_axis + full_tokens.shape[1:] + (encoder.width,), np.float32)
   for first in range(0, padded, batch):
-    out = np.asarray(compiled(*args, tokens[first:first + batch], mask[first:first + batch]))
+    out = np.asarray(compiled(*args, *(x[first:first + batch] for x in inputs)))
     stop = min(first + batch, num)
     features[first:stop] = out[:stop - first]
   return dict(features=features, mask=full_mask, token_ids=full_tokens,
@@ -230,7 +230,7 @@ def main(argv):
     np.savez(f, **out)
   valid_tokens = int(out["mask"].sum())
   layers = f"layers 0..{num_layers}" if all_layers else f"layer {layer}"
-  print(f"encode_prompts: {len(prompts)} prompts ({blank} blank lines skipped), "
+  print(f"encode_prompts: {len(prompts)} prompts ({blank} blank line(s) skipped), "
         f"{int(out['num_truncated'])} truncated to {_MAX_TOKENS.value} tokens, {layers} of "
         f"{num_layers}, features {out['features'].shape}; load {loaded - start:.1f} s, compile "
         f"{compile_seconds:.1f} s, encode {encode_seconds:.2f} s, "

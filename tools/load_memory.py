@@ -81,6 +81,7 @@ def rss():
   with open("/proc/self/status") as f:
     return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
 jnp.zeros(1).block_until_ready()  # Start the runtime before measuring.
+hf.read_hf_config(sys.argv[1])  # transformers imports its config modules lazily: not tensors.
 before = rss()
 config, params = hf.load_hf_llm(sys.argv[1], layer=-1, dtype=getattr(jnp, sys.argv[2]))
 leaves = jax.block_until_ready(jax.tree.leaves(params))

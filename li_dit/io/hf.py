@@ -220,11 +220,11 @@ def assemble_params(expected: Params, read: Callable[[str, tuple[int, ...], Any]
   flat = {}
   for path, spec in traverse_util.flatten_dict(nn.meta.unbox(expected)).items():
     host = read(hf_name(path), hf_shape(path, spec.shape), np_dtype).reshape(spec.shape)
-    sharding = flat_shardings.get(path)
-    # The copy to the device is asynchronous and keeps the host array alive until it is done;
-    # waiting for it before reading the next tensor keeps one tensor in flight, not all of them.
+    # On a CPU device an aligned host array becomes the parameter without a copy (may_alias);
+    # elsewhere the copy is asynchronous and keeps the host array alive until it is done, so
+    # waiting for it keeps one tensor in flight, not all of them.
     flat[path] = jax.block_until_ready(
-        jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
+        jax.device_put(host, flat_shardings.get(path), may_alias=True))
     del host
   return traverse_util.unflatten_dict(flat)
 
@@ -293,7 +293,7 @@ class SafetensorsCheckpoint:
       raise ValueError(f"Tensor {name} in {path} has dtype {file_dtype}; supported: "
                        f"{', '.join(_SAFETENSORS_DTYPES)}.")
     source = np.dtype(_SAFETENSORS_DTYPES[file_dtype])
-    out = np.empty(math.prod(file_shape), dtype)
+    out = _aligned_empty(math.prod(file_shape), dtype)
     if length != out.size * source.itemsize:
       raise ValueError(f"Tensor {name} in {path}: {length} bytes for shape {file_shape} "
                        f"{file_dtype}.")
@@ -311,6 +311,14 @@ class SafetensorsCheckpoint:
             raise ValueError(f"{path} is truncated (tensor {name}).")
           out[start:start + count] = chunk
     return out.reshape(file_shape)
+
+
+def _aligned_empty(size: int, dtype: np.dtype, alignment: int = 4096) -> np.ndarray:
+  """An uninitialised 1-D array whose data is `alignment`-aligned, so XLA:CPU can adopt it."""
+  itemsize = np.dtype(dtype).itemsize
+  buffer = np.empty(size * itemsize + alignment, np.uint8)
+  start = -buffer.ctypes.data % alignment
+  return buffer[start:start + size * itemsize].view(dtype)
 
 
 def load_hf_llm(directory: str, layer: int = -3, dtype: Any = jnp.float32,

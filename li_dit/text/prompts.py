@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple, Sequence
 
+import jinja2
 import numpy as np
 import transformers
 
@@ -83,7 +84,13 @@ def build_layout(tokenizer: transformers.PreTrainedTokenizerBase, template: str,
     return PromptLayout(prefix, (), max_prompt_tokens, pad_id, prompt_lead=" ")
   messages = [{"role": "system", "content": SYSTEM_PROMPT},
               {"role": "user", "content": f"{INSTRUCTION} {_PLACEHOLDER}"}]
-  text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  try:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  except jinja2.TemplateError:
+    # Templates without a system role (Gemma 1 and 2 raise "System role not supported"): the
+    # system prompt opens the user turn, as Gemma-3's template does by itself.
+    messages = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{INSTRUCTION} {_PLACEHOLDER}"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
   if text.count(" " + _PLACEHOLDER) != 1:
     raise ValueError(f"The chat template does not render the user message verbatim: {text!r}")
   # The rendered text carries the template's special tokens (BOS included when the template

@@ -197,6 +197,29 @@ def _write_gguf(path, arch="llama"):
   return path
 
 
+@pytest.mark.parametrize("model", [
+    "smollm2-135m-instruct",
+    pytest.param("gemma3-270m", marks=pytest.mark.slow)])  # GGUFReader: ~20 s on this file.
+def test_gguf_file_reads_what_gguf_reader_reads(model):
+  """Our header reader (which skips string arrays) against the `gguf` package's GGUFReader."""
+  path = packaged.resolve_llm_path(model)
+  ours = gguf_io.GGUFFile(path)
+  reference = gguf.GGUFReader(path)
+  for key, field in reference.fields.items():
+    if key.startswith("GGUF."):
+      continue
+    want = field.contents()
+    got = ours.get(key)
+    if isinstance(want, list) and want and isinstance(want[0], str):
+      assert got == len(want), key  # String arrays are kept as their length.
+    else:
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=key)
+  assert set(ours.tensors) == {t.name for t in reference.tensors}
+  for tensor in reference.tensors[:12]:
+    want = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    np.testing.assert_array_equal(ours.dequantize(tensor.name), want, err_msg=tensor.name)
+
+
 def test_loader_rejects_bad_layer(tmp_path):
   path = _write_gguf(str(tmp_path / "tiny.gguf"))
   with pytest.raises(ValueError, match=r"layer 4 is out of range .* valid layers are -3\.\.2"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 from typing import Any
 
@@ -22,6 +23,13 @@ from li_dit.models import llm
 
 Params = dict[str, Any]
 
+_REQUIRED = object()
+_HEADER_PREFETCH = 1 << 20
+# GGUF metadata value types (gguf.GGUFValueType) -> struct formats; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # Gemma-3 settings GGUF files do not carry; llama.cpp and transformers both assume these.
@@ -29,57 +37,141 @@ _GEMMA3_LOCAL_ROPE_THETA = 10000.0
 _GEMMA3_SLIDING_PATTERN = 6  # Every 6th layer attends globally, the others in a window.
 
 
+class GGUFFile:
+  """The metadata and tensor table of a GGUF file; tensor data is memory-mapped on demand.
+
+  `gguf.GGUFReader` builds an object per element of every metadata array, which takes ~17 s on
+  Gemma-3's 262k-token vocabulary. Loading needs only scalar metadata and the tensor table, so
+  arrays of strings are skipped and kept as their length (the tokenizer is built separately).
+
+  Attributes:
+    fields: metadata key -> value (scalars, strings, numpy arrays; string arrays as their length).
+    tensors: tensor name -> (ggml type, numpy-order shape, absolute byte offset).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      blob = f.read(_HEADER_PREFETCH)
+      self._file = f
+      self._buffer, self._buffer_start = blob, 0
+      if blob[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes).")
+      version, num_tensors, num_fields = struct.unpack_from("<IQQ", blob, 4)
+      if version not in (2, 3):
+        raise ValueError(f"{path} is GGUF version {version}; versions 2 and 3 are supported.")
+      self._pos = 24
+      self.fields: dict[str, Any] = {}
+      for _ in range(num_fields):
+        key = self._string()
+        self.fields[key] = self._value(self._unpack("<I")[0])
+      table = []
+      for _ in range(num_tensors):
+        name = self._string()
+        (num_dims,) = self._unpack("<I")
+        dims = self._unpack(f"<{num_dims}Q")
+        ggml_type, offset = self._unpack("<IQ")
+        table.append((name, ggml_type, tuple(reversed(dims)), offset))
+      alignment = self.fields.get("general.alignment", 32)
+      data_start = -(-self._pos // alignment) * alignment
+    self.tensors = {name: (gguf.GGMLQuantizationType(kind), shape, data_start + offset)
+                    for name, kind, shape, offset in table}
+
+  def get(self, key: str, default: Any = _REQUIRED) -> Any:
+    if key in self.fields:
+      return self.fields[key]
+    if default is _REQUIRED:
+      raise ValueError(f"GGUF metadata key {key!r} is missing from {self.path}.")
+    return default
+
+  def dequantize(self, name: str) -> np.ndarray:
+    """Tensor `name` as float32 in PyTorch's layout ([out, in] for matrices)."""
+    kind, shape, offset = self.tensors[name]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+    num_bytes = int(np.prod(shape)) * type_size // block_size
+    raw = np.memmap(self.path, np.uint8, mode="r", offset=offset, shape=(num_bytes,))
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+    return np.asarray(gguf.quants.dequantize(raw.reshape(byte_shape), kind),
+                      np.float32).reshape(shape)
+
+  # -- parsing -----------------------------------------------------------------------------------
+  def _read(self, n: int) -> bytes:
+    end = self._pos + n
+    if end > self._buffer_start + len(self._buffer):  # Refill: keep the unread tail.
+      self._file.seek(self._pos)
+      self._buffer = self._file.read(max(n, _HEADER_PREFETCH))
+      self._buffer_start = self._pos
+      if len(self._buffer) < n:
+        raise ValueError(f"{self.path} is truncated (in its header).")
+    start = self._pos - self._buffer_start
+    self._pos = end
+    return self._buffer[start:start + n]
+
+  def _unpack(self, fmt: str) -> tuple:
+    return struct.unpack(fmt, self._read(struct.calcsize(fmt)))
+
+  def _string(self) -> str:
+    (length,) = self._unpack("<Q")
+    return self._read(length).decode("utf-8", errors="replace")
+
+  def _value(self, kind: int) -> Any:
+    if kind == _GGUF_STRING:
+      return self._string()
+    if kind == _GGUF_ARRAY:
+      item_kind, count = self._unpack("<IQ")
+      if item_kind == _GGUF_STRING:
+        for _ in range(count):  # Skipped: only their number is kept.
+          (length,) = self._unpack("<Q")
+          self._read(length)
+        return count
+      if item_kind == _GGUF_ARRAY:
+        raise ValueError(f"{self.path}: nested metadata arrays are not supported.")
+      fmt = _GGUF_SCALARS[item_kind]
+      return np.frombuffer(self._read(struct.calcsize(fmt) * count), np.dtype(fmt))
+    (value,) = self._unpack(_GGUF_SCALARS[kind])
+    return value
+
+
 def read_gguf_config(path: str) -> llm.LLMConfig:
   """The LLMConfig of a GGUF file, without loading its tensors."""
-  return gguf_config(gguf.GGUFReader(path))
+  return gguf_config(GGUFFile(path))
 
 
-def gguf_config(reader: gguf.GGUFReader) -> llm.LLMConfig:
+def gguf_config(reader: GGUFFile) -> llm.LLMConfig:
   """Reads the architecture metadata (`<arch>.*` keys) of a GGUF file into an LLMConfig."""
-  arch = _field(reader, "general.architecture")
+  arch = reader.get("general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
                      f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
-  hidden = _field(reader, f"{arch}.embedding_length")
-  heads = _field(reader, f"{arch}.attention.head_count")
-  head_dim = _field(reader, f"{arch}.attention.key_length", hidden // heads)
-  if _field(reader, f"{arch}.rope.dimension_count", head_dim) != head_dim:
+  hidden = reader.get(f"{arch}.embedding_length")
+  heads = reader.get(f"{arch}.attention.head_count")
+  head_dim = reader.get(f"{arch}.attention.key_length", hidden // heads)
+  if reader.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
     raise ValueError("GGUF model uses partial rotary embeddings, which DecoderLLM does not.")
-  if _field(reader, f"{arch}.rope.scaling.type", "none") != "none":
+  if reader.get(f"{arch}.rope.scaling.type", "none") != "none":
     raise ValueError("GGUF model uses RoPE scaling, which DecoderLLM does not implement.")
-  vocab = _field(reader, f"{arch}.vocab_size", None)
+  vocab = reader.get(f"{arch}.vocab_size", None)
   if vocab is None:  # Older converters only store the token list.
-    vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+    vocab = reader.get("tokenizer.ggml.tokens")  # A string array: its length.
   common = dict(
       vocab_size=vocab,
       hidden_size=hidden,
-      intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
-      num_layers=_field(reader, f"{arch}.block_count"),
+      intermediate_size=reader.get(f"{arch}.feed_forward_length"),
+      num_layers=reader.get(f"{arch}.block_count"),
       num_heads=heads,
-      num_kv_heads=_field(reader, f"{arch}.attention.head_count_kv", heads),
+      num_kv_heads=reader.get(f"{arch}.attention.head_count_kv", heads),
       head_dim=head_dim,
-      rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-      rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+      rope_theta=float(reader.get(f"{arch}.rope.freq_base", 10000.0)),
+      rms_norm_eps=float(reader.get(f"{arch}.attention.layer_norm_rms_epsilon")),
       family=arch)
   if arch == "llama":
     return llm.LLMConfig(**common)
   return llm.LLMConfig(  # gemma3
       **common, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,
       sandwich_norms=True, qk_norm=True, local_rope_theta=_GEMMA3_LOCAL_ROPE_THETA,
-      sliding_window=_field(reader, f"{arch}.attention.sliding_window"),
+      sliding_window=reader.get(f"{arch}.attention.sliding_window"),
       layer_types=tuple(llm.FULL if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else llm.SLIDING
                         for i in range(common["num_layers"])))
-
-
-_REQUIRED = object()
-
-
-def _field(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
-  if key in reader.fields:
-    return reader.fields[key].contents()
-  if default is _REQUIRED:
-    raise ValueError(f"GGUF metadata key {key!r} is missing.")
-  return default
 
 
 # Hugging Face name (inside `layers.<i>.`) -> GGUF name (inside `blk.<i>.`), without ".weight".
@@ -125,18 +217,15 @@ def load_gguf_llm(path: str, layer: int = -3, dtype: Any = jnp.float32,
     (config, params); params is a plain nested dict of arrays with exactly the structure of
     `DecoderLLM(config, layer).init(...)["params"]`.
   """
-  reader = gguf.GGUFReader(path)
+  reader = GGUFFile(path)
   config = gguf_config(reader)
-  tensors = {t.name: t for t in reader.tensors}
 
   def read(name: str, shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
     tensor_name = gguf_name(name, config)
-    if tensor_name not in tensors:
+    if tensor_name not in reader.tensors:
       raise ValueError(f"GGUF tensor {tensor_name!r} (for {name}, shape {shape}) is missing "
                        f"from {path}.")
-    tensor = tensors[tensor_name]
-    # Dequantized arrays are in PyTorch's layout: [out, in] for matrices.
-    raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    raw = reader.dequantize(tensor_name)
     if tuple(raw.shape) != tuple(shape):
       raise ValueError(f"GGUF tensor {tensor_name} in {path} has shape {tuple(raw.shape)}, "
                        f"expected {tuple(shape)} (for {name}).")

@@ -237,9 +237,9 @@ def test_loader_names_missing_tensor(tmp_path):
 def test_check_params_names_tensor_and_shapes(encoder):
   expected = hf.expected_params(encoder.config, -3, jnp.float32)
   wrong = jax.tree.map(lambda x: x, encoder.params)
-  wrong["layers_3"]["self_attn"]["q_proj"]["weight"] = jnp.zeros((9, 32, 576))
+  wrong["layers_3"]["self_attn"]["q_proj"]["weight"] = jnp.zeros((288, 576))
   with pytest.raises(ValueError, match=r"layers_3/self_attn/q_proj/weight has shape "
-                                       r"\(9, 32, 576\).*expected \(9, 64, 576\)"):
+                                       r"\(288, 576\).*expected \(576, 576\)"):
     hf.check_params(expected, wrong)
   del wrong["layers_3"]["mlp"]
   with pytest.raises(ValueError, match="layers_3/mlp/down_proj/weight is missing"):

@@ -164,16 +164,6 @@ def hf_name(path: tuple[str, ...]) -> str:
   return ".".join(parts)
 
 
-def hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The Hugging Face shape of a parameter: multi-axis projections are flat [out, in]."""
-  if path[-1] == "bias":
-    return (math.prod(shape),)
-  if path[-1] == "weight" and len(shape) > 2:
-    num_out = 1 if path[-2] == "o_proj" else len(shape) - 1  # o_proj: [D, H, K] <- [D, H*K].
-    return (math.prod(shape[:num_out]), math.prod(shape[num_out:]))
-  return tuple(shape)
-
-
 def expected_params(config: llm.LLMConfig, layer: int, dtype: Any) -> Params:
   """Tree of jax.ShapeDtypeStruct of `DecoderLLM(config, layer)`'s parameters, nothing allocated.
 
@@ -208,7 +198,7 @@ def assemble_params(expected: Params, read: Callable[[str, tuple[int, ...], Any]
 
   Args:
     expected: `expected_params(...)`.
-    read: (HF name, HF shape, numpy dtype) -> that tensor as a host array of that shape and dtype;
+    read: (HF name, shape, numpy dtype) -> that tensor as a host array of that shape and dtype;
       it raises an error naming the tensor when it is missing or has another shape.
     dtype: parameter dtype.
     shardings: optional tree (like `expected`) of jax.sharding.Sharding; default: one device.
@@ -219,7 +209,7 @@ def assemble_params(expected: Params, read: Callable[[str, tuple[int, ...], Any]
   np_dtype = np.dtype(jnp.dtype(dtype))
   flat = {}
   for path, spec in traverse_util.flatten_dict(nn.meta.unbox(expected)).items():
-    host = read(hf_name(path), hf_shape(path, spec.shape), np_dtype).reshape(spec.shape)
+    host = read(hf_name(path), spec.shape, np_dtype)  # Our shapes are HF's.
     # On a CPU device an aligned host array becomes the parameter without a copy (may_alias);
     # elsewhere the copy is asynchronous and keeps the host array alive until it is done, so
     # waiting for it keeps one tensor in flight, not all of them.

@@ -3,8 +3,8 @@
 One config-driven module covers the families: they differ only in switches of `LLMConfig`
 (biases, Gemma's (1 + w) norms and embedding scale, sandwich norms, q/k norms, logit soft-capping,
 sliding-window layers with their own RoPE base, RoPE scaling). Parameters keep Hugging Face's
-names and PyTorch's [out, in] layout (a q projection is [H,K,D], reshaped for free from HF's
-[H*K, D]), so checkpoints load tensor by tensor without transposing anything on the host.
+names, shapes and PyTorch's [out, in] layout (a q projection is [H*K, D]), so checkpoints load
+tensor by tensor without transposing or reshaping anything on the host.
 
 The prompt features are a hidden state in Hugging Face `hidden_states[layer]` indexing (LI-DiT uses
 layer -3: the output of the third-to-last block, before the final norm). Only the blocks that feed
@@ -202,15 +202,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
 
 
 class Linear(nn.Module):
-  """y = x W^T + b with W in PyTorch's [out, in] layout, out and in possibly multi-axis.
+  """y = x W^T + b with W [out, in] exactly as PyTorch stores it (HF checkpoints load as they are).
+
+  Multi-axis outputs (a q projection's [H, K]) and inputs (o_proj's [H, K]) are flattened and
+  unflattened around one 2-D matmul, which is free (a bitcast): a [H, K, D] weight would make
+  XLA:CPU transpose the weight on every call instead.
 
   Attributes:
     out_shape: output feature axes, e.g. (H, K) for a q projection.
-    axes: logical names of W's axes, out axes then in axes.
+    axes: logical names of W's two axes (out, in).
     num_in_axes: how many trailing axes of x are contracted (2 for o_proj's [H,K] input).
   """
   out_shape: tuple[int, ...]
-  axes: tuple[str, ...]
+  axes: tuple[str, str]
   use_bias: bool = False
   num_in_axes: int = 1
   dtype: layers.Dtype = jnp.float32
@@ -219,20 +223,17 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., *in_shape] -> [..., *out_shape]."""
-    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    batch_shape = x.shape[:x.ndim - self.num_in_axes]
+    x = x.reshape(batch_shape + (math.prod(x.shape[len(batch_shape):]),))
     init = layers.with_axes(nn.initializers.normal(0.02), self.axes)
-    w = self.param("weight", init, self.out_shape + in_shape, self.param_dtype)
-    n_out = len(self.out_shape)
-    contract = (tuple(range(x.ndim - self.num_in_axes, x.ndim)),
-                tuple(range(n_out, n_out + self.num_in_axes)))
+    w = self.param("weight", init, (math.prod(self.out_shape), x.shape[-1]), self.param_dtype)
     y = jax.lax.dot_general(jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype),
-                            (contract, ((), ())))
+                            (((x.ndim - 1,), (1,)), ((), ())))
     if self.use_bias:
-      bias = self.param("bias", layers.with_axes(nn.initializers.zeros_init(),
-                                                 self.axes[:n_out]),
-                        self.out_shape, self.param_dtype)
+      bias = self.param("bias", layers.with_axes(nn.initializers.zeros_init(), self.axes[:1]),
+                        (w.shape[0],), self.param_dtype)
       y = y + jnp.asarray(bias, self.dtype)
-    return y
+    return y.reshape(batch_shape + tuple(self.out_shape))
 
 
 class Attention(nn.Module):
@@ -249,8 +250,7 @@ class Attention(nn.Module):
     """x [B,T,D], positions [T], mask [B,1,T,P+T] -> ([B,T,D], own (k, v) each [B,T,G,K])."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    heads = ("heads", "head_dim", "embed")
-    kv_heads = ("kv_heads", "head_dim", "embed")
+    heads, kv_heads = ("heads", "embed"), ("kv_heads", "embed")  # [H*K, D], [G*K, D]
     q = Linear((cfg.num_heads, cfg.head_dim), heads, cfg.qkv_bias, name="q_proj", **kw)(x)
     k = Linear((cfg.num_kv_heads, cfg.head_dim), kv_heads, cfg.qkv_bias, name="k_proj", **kw)(x)
     v = Linear((cfg.num_kv_heads, cfg.head_dim), kv_heads, cfg.qkv_bias, name="v_proj", **kw)(x)
@@ -275,7 +275,7 @@ class Attention(nn.Module):
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
     out = attention(q, keys, values, mask, scale, cfg.attn_softcap)
     out = layers.constrain(out, ("batch", "length", "heads", "head_dim"))
-    out = Linear((cfg.hidden_size,), ("embed", "heads", "head_dim"), cfg.o_bias, num_in_axes=2,
+    out = Linear((cfg.hidden_size,), ("embed", "heads"), cfg.o_bias, num_in_axes=2,
                  name="o_proj", **kw)(out)
     return out, (k, v)
 

@@ -148,18 +148,26 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary position embedding of x [B,T,H,K] at positions [T] with inv_freq [K/2].
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """cos and sin [T,K/2] (float32) of positions [T] (static) times inv_freq [K/2].
+
+  Computed on the host while tracing: in the graph they are constants, where a traced cos/sin
+  would be fused into (and recomputed by) every elementwise loop that reads it.
+  """
+  angles = np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]
+  return np.cos(angles), np.sin(angles)
+
+
+def rope(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.Array:
+  """Rotary position embedding of x [B,T,H,K] with tables cos, sin [T,K/2] (`rope_tables`).
 
   Rotate-half convention (HF): dimension i is paired with i + K/2, not with its neighbour. The
-  angles are float32; the rotation runs in x's dtype, as in Hugging Face.
+  rotation runs in x's dtype, as in Hugging Face.
   """
-  angles = jnp.asarray(positions, jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-  angles = jnp.concatenate([angles, angles], axis=-1)  # [T,K]
-  cos = jnp.cos(angles).astype(x.dtype)[None, :, None, :]
-  sin = jnp.sin(angles).astype(x.dtype)[None, :, None, :]
+  cos = jnp.asarray(cos, x.dtype)[None, :, None, :]
+  sin = jnp.asarray(sin, x.dtype)[None, :, None, :]
   x1, x2 = jnp.split(x, 2, axis=-1)
-  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def causal_mask(mask: jax.Array, prefix_len: int, window: int | None = None) -> jax.Array:
@@ -184,6 +192,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
               softcap: float | None = None) -> jax.Array:
   """Grouped-query softmax attention with optional logit soft-capping.
 
+  The R = H/G query heads that share a key head are stacked as rows of one matrix, so both
+  products are plain batched matmuls over (B, G) (twice as fast on XLA:CPU as a 5-D einsum).
+
   Args:
     q: [B,T,H,K]; k, v: [B,S,G,K] with G dividing H (query head h uses key head h // (H/G)).
     mask: boolean [B,1,T,S], True where allowed.
@@ -192,13 +203,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
   """
   b, t, h, d = q.shape
   g = k.shape[2]
-  q = q.reshape(b, t, g, h // g, d)
-  logits = jnp.einsum("btgrk,bsgk->bgrts", q, k, preferred_element_type=jnp.float32) * scale
+  r = h // g
+  q = q.reshape(b, t, g, r, d).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, d)
+  logits = jnp.einsum("bgqd,bsgd->bgqs", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
+  logits = logits.reshape(b, g, r, t, -1)
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bgrts,bsgk->btgrk", probs, v).reshape(b, t, h, d)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, r * t, -1)
+  out = jnp.einsum("bgqs,bsgd->bgqd", probs, v).reshape(b, g, r, t, d)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class Linear(nn.Module):
@@ -244,10 +258,10 @@ class Attention(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, positions: np.ndarray, mask: jax.Array,
                prefix_kv: tuple[jax.Array, jax.Array] | None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """x [B,T,D], positions [T], mask [B,1,T,P+T] -> ([B,T,D], own (k, v) each [B,T,G,K])."""
+    """x [B,T,D], positions [T] (static), mask [B,1,T,P+T] -> ([B,T,D], own (k, v) each [B,T,G,K])."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     heads, kv_heads = ("heads", "embed"), ("kv_heads", "embed")  # [H*K, D], [G*K, D]
@@ -263,8 +277,9 @@ class Attention(nn.Module):
       inv_freq = rope_frequencies(cfg.head_dim, cfg.local_rope_theta, None)
     else:
       inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = layers.constrain(rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
-    k = rope(k, positions, inv_freq)
+    cos, sin = rope_tables(positions, inv_freq)
+    q = layers.constrain(rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+    k = rope(k, cos, sin)
     keys, values = k, v
     if prefix_kv is not None:
       # The prefix was encoded once with batch 1; broadcasting is free until the concatenation.
@@ -310,7 +325,7 @@ class Block(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, positions: np.ndarray, mask: jax.Array,
                prefix_kv: tuple[jax.Array, jax.Array] | None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B,T,D] -> ([B,T,D], own (k, v) each [B,T,G,K])."""
@@ -371,7 +386,7 @@ class DecoderLLM(nn.Module):
       if len(prefix_kv) != num_blocks:
         raise ValueError(f"prefix_kv has {len(prefix_kv)} blocks, the model runs {num_blocks}.")
       prefix_len = prefix_kv[0][0].shape[1] if num_blocks else 0
-    positions = prefix_len + jnp.arange(tokens.shape[1])
+    positions = prefix_len + np.arange(tokens.shape[1])  # Static: RoPE tables are constants.
     masks = {FULL: causal_mask(mask, prefix_len),
              SLIDING: causal_mask(mask, prefix_len, cfg.sliding_window)}
 

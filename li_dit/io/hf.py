@@ -74,21 +74,21 @@ def llm_config_from_hf(config: transformers.PretrainedConfig, source: str = "con
                      f"{', '.join(sorted(_ACTIVATIONS))}.")
   gemma = family.startswith("gemma")
   rope_full, rope_local = _rope_parameters(config, source)
-  theta, scaling = _rope(rope_full, head_dim, source)
+  theta, scaling = _rope(rope_full, source)
   local_theta = None
   if rope_local is not None:
-    local_theta, local_scaling = _rope(rope_local, head_dim, source)
+    local_theta, local_scaling = _rope(rope_local, source)
     if local_scaling is not None:
       raise ValueError(f"{source}: RoPE scaling on sliding-window layers is not supported.")
   window = getattr(config, "sliding_window", None)
-  layer_types = tuple(
-      llm.SLIDING if kind == "sliding_attention" else llm.FULL
-      for kind in (getattr(config, "layer_types", None) or ()))
+  hf_layer_types = getattr(config, "layer_types", None) or ()
+  kinds = {"sliding_attention": llm.SLIDING, "full_attention": llm.FULL}
+  if any(kind not in kinds for kind in hf_layer_types):
+    raise ValueError(f"{source}: layer_types {hf_layer_types} are not supported; supported: "
+                     f"{', '.join(kinds)}.")
+  layer_types = tuple(kinds[kind] for kind in hf_layer_types)
   if family == "mistral" and window is not None:
     layer_types = (llm.SLIDING,) * config.num_hidden_layers  # Every Mistral layer slides.
-  if any(kind not in ("sliding_attention", "full_attention")
-         for kind in (getattr(config, "layer_types", None) or ())):
-    raise ValueError(f"{source}: layer_types {config.layer_types} are not supported.")
   if llm.SLIDING not in layer_types:
     layer_types, window = (), None
   attention_bias = bool(getattr(config, "attention_bias", False))
@@ -131,7 +131,7 @@ def _rope_parameters(config, source: str) -> tuple[Mapping[str, Any], Mapping[st
   return params, None
 
 
-def _rope(params: Mapping[str, Any], head_dim: int, source: str
+def _rope(params: Mapping[str, Any], source: str
           ) -> tuple[float, llm.RopeScaling | None]:
   if params.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"{source}: partial rotary embeddings are not supported.")

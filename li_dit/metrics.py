@@ -57,11 +57,21 @@ class MetricWriter:
 
 
 class Progress:
-  """Steps/s, examples/s and ETA between logging points (compilation excluded after step 1)."""
+  """Steps/s, examples/s, ETA, TFLOP/s per device and MFU between logging points.
 
-  def __init__(self, total_steps: int, start_step: int, batch_size: int):
+  Args:
+    step_flops: model FLOPs of one train step (li_dit.flops.train_step_flops "total").
+    peak_flops: peak FLOP/s of all the devices the step runs on (li_dit.flops.peak_flops).
+    num_devices: devices the step runs on.
+  """
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int, step_flops: float,
+               peak_flops: float, num_devices: int):
     self.total_steps = total_steps
     self.batch_size = batch_size
+    self.step_flops = step_flops
+    self.peak_flops = peak_flops
+    self.num_devices = num_devices
     self._last_step = start_step
     self._last_time = time.perf_counter()
     self._start_time = self._last_time
@@ -70,8 +80,11 @@ class Progress:
     now = time.perf_counter()
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
+    flops_per_sec = steps_per_sec * self.step_flops
     return {"steps_per_sec": steps_per_sec,
             "examples_per_sec": steps_per_sec * self.batch_size,
+            "tflops_per_sec_per_device": flops_per_sec / self.num_devices / 1e12,
+            "mfu": flops_per_sec / self.peak_flops,
             "eta_seconds": (self.total_steps - step) / max(steps_per_sec, 1e-9),
             "elapsed_seconds": now - self._start_time}
 
@@ -80,5 +93,5 @@ class Progress:
     extra = f" | truncated {int(m['truncated_captions'])}" if m.get("truncated_captions") else ""
     return (f"step {step}/{self.total_steps} | loss {m['loss']:.4f} | grad_norm "
             f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['steps_per_sec']:.2f} steps/s | "
-            f"{m['examples_per_sec']:.1f} ex/s | ETA {eta // 3600}h{eta % 3600 // 60:02d}m"
+            f"{m['examples_per_sec']:.1f} ex/s | MFU {100 * m['mfu']:.1f}% | ETA {eta // 3600}h{eta % 3600 // 60:02d}m"
             f"{eta % 60:02d}s{extra}")

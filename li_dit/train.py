@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from li_dit import config_lib
+from li_dit import flops as flops_lib
 from li_dit import generate
 from li_dit import metrics as metrics_lib
 from li_dit import optim
@@ -120,7 +121,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   if config.text.encode == conditioning.CACHED:
     conditioner.build_table(pipeline.source_captions(config.input),
                             cache_dir=os.path.join(workdir, "text_cache"))
-  frozen = jax.device_put(conditioner.frozen(), sharding.replicated(mesh))
+  frozen = conditioner.frozen()
+  frozen_shardings = sharding.divisible_shardings(conditioner.frozen_logical_specs(), frozen,
+                                                  mesh, rules)
+  frozen = jax.device_put(frozen, frozen_shardings)
 
   dataset = pipeline.make_train_dataset(config.input, conditioner.data_transform(),
                                         jax.process_index(), jax.process_count())
@@ -135,9 +139,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   def init_state(rng):
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     params = model.init(rng, x, jnp.zeros((1,)), example_text)["params"]
-    unboxed = nn.unbox(params)
+    # The optimizer state is built from the boxed params, so its moments carry the params'
+    # logical axes and are sharded like them (not replicated).
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=tx.init(unboxed))
+                      opt_state=tx.init(params))
 
   # Shapes and shardings without allocating anything, then the real init, sharded at birth.
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
@@ -146,6 +151,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state_shardings = sharding.logical_to_shardings(logical_specs, mesh, rules)
   state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
       jax.random.key(config.seed))
+
+  if is_main:
+    parts = []
+    for what, tree in (("train state", state), ("frozen text side", frozen)):
+      total, per_device = sharding.memory_footprint(tree)
+      parts.append(f"{what} {total / 2**20:.1f} MiB ({per_device / 2**20:.1f} MiB on device 0)")
+    print(f"mesh {dict(mesh.shape)}: " + ", ".join(parts), flush=True)
 
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = ckpt.latest_step() or 0
@@ -160,13 +172,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   step_fn = make_train_step(model, conditioner, tx, schedule, config, shift)
   batch_shardings = None  # Inferred from the global arrays host_to_global makes.
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, None, batch_shardings),
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
 
   generator = generate.Generator(model, conditioner, (size, size, channels), shift)
   sample_text = generator.encode(list(config.sample.prompts)) if config.sample.prompts else None
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size)
+  texts = [flops_lib.TextShape(e.layout.prefix_len, e.layout.length, e.config, e.spec.layer)
+           for e in encoders.values()]
+  step_flops = flops_lib.train_step_flops(model.config, size, texts, config.input.batch_size,
+                                          online=config.text.encode == conditioning.ONLINE)
+  peak, peak_source = flops_lib.peak_flops()
+  if is_main:
+    print(f"model FLOPs per step: {step_flops['total'] / 1e12:.4g} TFLOP (DiT "
+          f"{step_flops['dit'] / 1e12:.4g}, refiners {step_flops['refiners'] / 1e12:.4g}, "
+          f"LLMs {step_flops['llms'] / 1e12:.4g}); peak {peak / 1e12:.4g} TFLOP/s "
+          f"({peak_source})", flush=True)
+  progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
+                                  step_flops["total"], peak, mesh.size)
   preemption = _Preemption()
 
   def write_samples(step: int):

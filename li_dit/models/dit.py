@@ -44,12 +44,13 @@ class PositionResBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     k = self.kernel_size
-    conv = lambda name: nn.Conv(
+    # Sharded like an MLP: the hidden channels between the two convolutions over `tensor`.
+    conv = lambda name, axes: nn.Conv(
         width, (k, k), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=layers.with_axes(nn.initializers.lecun_normal(),
-                                     ("conv_h", "conv_w", "embed_in", "embed")),
-        bias_init=layers.with_axes(nn.initializers.zeros_init(), ("embed",)), name=name)
-    return x + conv("conv2")(nn.silu(conv("conv1")(x)))
+        kernel_init=layers.with_axes(nn.initializers.lecun_normal(), ("conv_h", "conv_w") + axes),
+        bias_init=layers.with_axes(nn.initializers.zeros_init(), axes[1:]), name=name)
+    hidden = conv("conv1", ("embed", "mlp"))(x)
+    return x + conv("conv2", ("mlp", "embed"))(nn.silu(hidden))
 
 
 class DiTBlock(nn.Module):

@@ -217,7 +217,7 @@ class Attention(nn.Module):
       q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     else:
       q = Dense((heads, head_dim), ("embed", "heads", "head_dim"), name="q", **kw)(x)
-      kv = Dense((2, heads, head_dim), ("embed_in", None, "heads", "head_dim"), name="kv",
+      kv = Dense((2, heads, head_dim), ("embed", None, "heads", "head_dim"), name="kv",
                  **kw)(context)
       k, v = kv[..., 0, :, :], kv[..., 1, :, :]
     if self.qk_norm:
@@ -242,7 +242,8 @@ class AdaLNModulation(nn.Module):
 
   @nn.compact
   def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
-    out = Dense((self.count, self.width), ("embed_in", None, "modulation"),
+    # The largest weight of a DiT block (count x D x D): its input side is sharded over fsdp.
+    out = Dense((self.count, self.width), ("embed", None, "modulation"),
                 kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
                 param_dtype=self.param_dtype, name="proj")(nn.silu(c))
     return tuple(out[:, i] for i in range(self.count))

@@ -88,6 +88,31 @@ def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def divisible_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules) -> Any:
+  """Like `logical_to_shardings`, but an array axis that a mesh axis does not divide stays whole.
+
+  For weights whose sizes the config does not choose (a frozen LLM's vocabulary, an odd hidden
+  size): they are sharded wherever the mesh divides them instead of failing.
+  Args:
+    logical_specs: tree of logical PartitionSpecs; shapes: the matching tree of arrays or
+      ShapeDtypeStructs.
+  """
+  def fit(spec: PartitionSpec, shape: Any) -> NamedSharding:
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules)
+    axes = []
+    for size, entry in zip(shape.shape, tuple(mesh_spec) + (None,) * len(shape.shape)):
+      names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+      kept, ways = [], 1
+      for name in names:
+        if size % (ways * mesh.shape[name]) == 0:
+          kept.append(name)
+          ways *= mesh.shape[name]
+      axes.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return NamedSharding(mesh, PartitionSpec(*axes))
+  return jax.tree_util.tree_map(fit, logical_specs, shapes,
+                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules) -> NamedSharding:
   """Sharding of a [B,...] batch array: B over the data-parallel axes, the rest replicated."""
   spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
@@ -110,3 +135,13 @@ def host_to_global(local_batch: Any, mesh: Mesh, rules) -> Any:
   def put(x):
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
   return jax.tree_util.tree_map(put, local_batch)
+
+
+def memory_footprint(tree: Any) -> tuple[int, int]:
+  """(total bytes, bytes held by the first device) of a tree of jax Arrays."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  total = sum(x.nbytes for x in leaves)
+  device = jax.devices()[0]
+  per_device = sum(s.data.nbytes for x in leaves for s in x.addressable_shards
+                   if s.device == device)
+  return total, per_device

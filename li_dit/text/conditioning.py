@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from li_dit.models.li_dit import TextFeatures
 from li_dit.text import encoders as encoders_lib
@@ -144,6 +145,19 @@ class TextConditioner:
     if not self.tables:
       raise RuntimeError("cached text mode: call build_table() first")
     return {n: {"prefix": self.prefixes[n].features, "table": self.tables[n]} for n in self.names}
+
+  def frozen_logical_specs(self) -> dict[str, Any]:
+    """Logical PartitionSpecs of `frozen()`, leaf for leaf.
+
+    The LLM weights carry their axis names, so a mesh shards them like the model's own
+    (over fsdp and tensor); the instruction prefixes and cached tables are replicated.
+    """
+    frozen = self.frozen()
+    specs = jax.tree_util.tree_map(lambda _: PartitionSpec(), frozen)
+    if self.mode == ONLINE:
+      for name, enc in self.encoders.items():
+        specs[name]["params"] = enc.logical_specs()
+    return specs
 
   def features(self, frozen: Mapping[str, Any], text_batch: Mapping[str, jax.Array]
                ) -> list[TextFeatures]:

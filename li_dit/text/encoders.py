@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import transformers
@@ -121,6 +122,13 @@ class PromptEncoder:
     return dict(path=os.path.realpath(self.path), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
                 layer=self.spec.layer, template=self.spec.template,
                 max_tokens=self.spec.max_tokens, dtype=self.spec.dtype)
+
+  def logical_specs(self) -> Params:
+    """Logical PartitionSpecs of `params` (the LLM's axis names: vocab, embed, heads, mlp, ...)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(self.module.init, jax.random.key(0), tokens,
+                              jnp.ones_like(tokens, bool))
+    return nn.get_partition_spec(abstract)["params"]
 
   def tokenize(self, prompts: Sequence[str]) -> prompts_lib.TokenizedPrompts:
     """Prompt rows: tokens [B,L] int32, mask [B,L] bool (numpy), truncation count."""

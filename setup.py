@@ -33,7 +33,8 @@ EXTRAS_REQUIRE = {
     # transformers' PyTorch models loading GGUF files (parity references, the torch export) also
     # need accelerate; torch itself is in the base install.
     "torch": ["accelerate==1.15.0"],
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0"],
+    # libtpu: tools/aot_compile.py's tests compile for TPU topologies on the CPU.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0", "libtpu==0.0.42.1"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
 }

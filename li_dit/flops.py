@@ -18,18 +18,7 @@ import jax.numpy as jnp
 
 from li_dit.models import li_dit
 from li_dit.models import llm as llm_lib
-
-# bf16 dense matmul peak per chip, FLOP/s, by `jax.Device.device_kind`.
-TPU_PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,   # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,        # v5p
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,   # v6e (Trillium)
-    "TPU v6e": 918e12,
-}
-
+from li_dit.parallel import tpu
 
 @dataclasses.dataclass(frozen=True)
 class TextShape:
@@ -121,14 +110,11 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 def peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
   """(peak FLOP/s of the devices the step runs on, where the figure comes from).
 
-  TPUs: the bf16 peak per chip from TPU_PEAK_FLOPS times the number of chips. Elsewhere (CPU):
+  TPUs: the bf16 peak per chip (li_dit.parallel.tpu) times the number of chips. Elsewhere (CPU):
   a float32 matmul measured now; forced host devices share the same cores, so this is the
   peak of all of them together.
   """
   device = device or jax.devices()[0]
   if device.platform == "tpu":
-    if device.device_kind not in TPU_PEAK_FLOPS:
-      raise ValueError(f"no peak FLOP/s for {device.device_kind!r}; known: "
-                       f"{sorted(TPU_PEAK_FLOPS)}")
-    return TPU_PEAK_FLOPS[device.device_kind] * jax.device_count(), device.device_kind
+    return tpu.chip(device.device_kind).peak_flops * jax.device_count(), device.device_kind
   return measure_matmul_peak(), f"{device.platform}: float32 matmul measured at start-up"

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -63,8 +64,13 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
+  if devices[0].platform == "tpu":
+    # Physical order: neighbours on a mesh axis are neighbours on the ICI torus.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(devices).reshape(shape)
   # Auto axes: XLA propagates shardings from the annotated params, inputs and constraints.
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+  return Mesh(grid, MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -83,16 +89,11 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
   return tuple(out)
 
 
-def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
-  """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
 def divisible_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules) -> Any:
-  """Like `logical_to_shardings`, but an array axis that a mesh axis does not divide stays whole.
+  """A tree of logical PartitionSpecs -> NamedShardings on `mesh`, leaving an array axis whole
+  where its mesh axes do not divide it (a frozen LLM's vocabulary, a width of 1152 over 256
+  devices) instead of failing: such an array is sharded wherever the mesh does divide it.
 
-  For weights whose sizes the config does not choose (a frozen LLM's vocabulary, an odd hidden
-  size): they are sharded wherever the mesh divides them instead of failing.
   Args:
     logical_specs: tree of logical PartitionSpecs; shapes: the matching tree of arrays or
       ShapeDtypeStructs.

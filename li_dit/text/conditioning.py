@@ -63,6 +63,10 @@ class CaptionIds:
     return {"caption_id": np.int32(self._index[caption]), "truncated": np.int32(0)}
 
 
+def _is_abstract(tree: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
+
+
 class TextConditioner:
   """The frozen text side of a run: its LLMs, their shared prefixes and, if cached, the table.
 
@@ -80,7 +84,11 @@ class TextConditioner:
     self.mode = mode
     self._batch_size = batch_size
     self._encode = jax.jit(self._encode_tokens)
-    self.prefixes = {n: jax.jit(e.compute_prefix)(e.params) for n, e in self.encoders.items()}
+    # Planned encoders (ShapeDtypeStruct weights, to compile ahead of time) get abstract prefixes.
+    self.prefixes = {
+        n: (jax.eval_shape(e.compute_prefix, e.params) if _is_abstract(e.params)
+            else jax.jit(e.compute_prefix)(e.params))
+        for n, e in self.encoders.items()}
     self.captions: tuple[str, ...] = ()
     self.tables: dict[str, tuple[jax.Array, jax.Array]] = {}
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import transformers
 
 from li_dit.io import gguf as gguf_io
-from li_dit.io import hf, packaged
+from li_dit.io import architectures, hf, packaged
 from li_dit.models import llm
 from li_dit.text import prompts as prompts_lib
 
@@ -110,6 +110,35 @@ class PromptEncoder:
                                            self.spec.max_tokens)
     self.module = llm.DecoderLLM(self.config, layer=self.spec.layer, dtype=dtype,
                                  param_dtype=dtype)
+
+  @classmethod
+  def planned(cls, config: Mapping[str, Any], prefix_len: int, suffix_len: int
+              ) -> "PromptEncoder":
+    """An encoder of the right shapes without weights or tokenizer, to compile and plan runs.
+
+    `params` are ShapeDtypeStructs; the architecture comes from the LLM's files when `path`
+    exists, else from `li_dit.io.architectures`. The prompt layout has `prefix_len` and
+    `suffix_len` template tokens (which a tokenizer would decide).
+    """
+    self = cls.__new__(cls)
+    self.spec = EncoderSpec(**dict(config.items()))
+    self.name = self.spec.name
+    try:
+      self.path = packaged.resolve_llm_path(self.spec.path)
+      self.config = read_llm_config(self.path)
+    except (ValueError, FileNotFoundError):
+      self.path = self.spec.path
+      self.config = architectures.known_llm_config(self.spec.path)
+    dtype = _DTYPES[self.spec.dtype]
+    self.tokenizer = None
+    self.layout = prompts_lib.PromptLayout((0,) * prefix_len, (0,) * suffix_len,
+                                           self.spec.max_tokens, pad_id=0)
+    self.module = llm.DecoderLLM(self.config, layer=self.spec.layer, dtype=dtype,
+                                 param_dtype=dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    self.params = nn.unbox(jax.eval_shape(self.module.init, jax.random.key(0), tokens,
+                                          jnp.ones_like(tokens, bool))["params"])
+    return self
 
   @property
   def width(self) -> int:

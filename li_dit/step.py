@@ -1,0 +1,149 @@
+"""The train step and everything it is built from, shared by `li_dit.train` and ahead-of-time
+compiles (`tools/aot_compile.py`): model, optimizer, state and frozen-text shardings, FLOPs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from li_dit import config_lib
+from li_dit import flops as flops_lib
+from li_dit import generate
+from li_dit import optim
+from li_dit.diffusion import flow
+from li_dit.models import li_dit
+from li_dit.parallel import sharding
+from li_dit.text import conditioning
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_train_step(model, conditioner: conditioning.TextConditioner, tx, schedule,
+                    config: ml_collections.ConfigDict, shift: float):
+  """The one train step: (state, frozen text arrays, batch) -> (state, metrics)."""
+  base_rng = jax.random.key(config.seed)
+
+  def train_step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
+    # The step's randomness is a function of the step alone, so a resumed run draws the same.
+    rng_t, rng_noise = jax.random.split(jax.random.fold_in(base_rng, state.step))
+    x0 = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    text = conditioner.features(frozen, batch)
+    t = flow.sample_time(rng_t, x0.shape[0], config.flow.t_mean, config.flow.t_std, shift)
+    noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
+    x_t = flow.interpolate(x0, noise, t)
+
+    def loss_fn(params):
+      v = model.apply({"params": params}, x_t, t, text)
+      return jnp.mean(flow.flow_loss(v, x0, noise))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(jnp.add, state.params, updates)
+    new_state = TrainState(
+        step=state.step + 1, params=params,
+        ema_params=optim.ema_update(state.ema_params, params, state.step, config.optim.ema_decay),
+        opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": _global_norm(grads), "lr": schedule(state.step),
+               "truncated_captions": jnp.sum(batch["truncated"])}
+    return new_state, metrics
+
+  return train_step
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree_util.tree_leaves(tree)))
+
+
+class StepPlan(NamedTuple):
+  """The train step and what it is built from: the same for a run and an ahead-of-time compile.
+
+  Attributes:
+    init_state: rng -> the initial TrainState (unboxed), to jit with `state_shardings`.
+    state_shardings, frozen_shardings: NamedShardings of the TrainState and of the frozen text
+      side (`TextConditioner.frozen()`).
+    train_step: jitted (state, frozen, batch) -> (state, metrics); call or lower it inside
+      `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+  """
+  model: li_dit.LIDiT
+  rules: tuple[tuple[str, Any], ...]
+  init_state: Callable[[jax.Array], TrainState]
+  state_shardings: Any
+  frozen_shardings: Any
+  train_step: Any
+
+
+def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              conditioner: conditioning.TextConditioner) -> StepPlan:
+  """Builds the model, optimizer, state shardings and the jitted train step on `mesh`.
+
+  Raises ConfigError when the global batch does not divide over the data-parallel devices.
+  """
+  rules = sharding.rules_from_config(config.sharding_rules)
+  dp = sharding.data_parallel_size(mesh, rules)
+  if config.input.batch_size % dp:
+    raise config_lib.ConfigError(
+        f"config.input.batch_size={config.input.batch_size} does not divide over the "
+        f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
+  model = generate.build_model(config, len(conditioner.names))
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  size, channels = config.input.image_size, config.model.channels
+  text_shapes = jax.eval_shape(conditioner.features, conditioner.frozen(),
+                               example_text_batch(conditioner, 1))
+
+  def init_state(rng):
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    text = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), text_shapes)
+    params = model.init(rng, x, jnp.zeros((1,)), text)["params"]
+    # The optimizer state is built from the boxed params, so its moments carry the params'
+    # logical axes and are sharded like them (not replicated).
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params))
+
+  # Shapes and logical axes without allocating anything.
+  abstract = jax.eval_shape(init_state, jax.random.key(0))
+  frozen_shardings = sharding.divisible_shardings(
+      conditioner.frozen_logical_specs(), conditioner.frozen(), mesh, rules)
+  step_fn = make_train_step(model, conditioner, tx, schedule, config, generate.time_shift(config))
+  state_shardings = sharding.divisible_shardings(
+      nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # Batch shardings come with the global arrays (sharding.host_to_global).
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return StepPlan(model, rules, lambda rng: nn.unbox(init_state(rng)),
+                  state_shardings, frozen_shardings, train_step)
+
+
+def train_step_flops(config: ml_collections.ConfigDict,
+                     conditioner: conditioning.TextConditioner) -> dict[str, int]:
+  """Model FLOPs of one train step of `config` over its global batch (li_dit.flops)."""
+  texts = [flops_lib.TextShape(e.layout.prefix_len, e.layout.length, e.config, e.spec.layer)
+           for e in conditioner.encoders.values()]
+  return flops_lib.train_step_flops(
+      li_dit.ModelConfig(**config.model.to_dict()), config.input.image_size, texts,
+      config.input.batch_size, online=config.text.encode == conditioning.ONLINE)
+
+
+def example_text_batch(conditioner: conditioning.TextConditioner, batch_size: int
+                       ) -> dict[str, np.ndarray]:
+  """The text fields of a data batch, zeros of the right shapes and dtypes."""
+  if conditioner.mode == conditioning.ONLINE:
+    out = {}
+    for name, enc in conditioner.encoders.items():
+      out[f"tokens/{name}"] = np.zeros((batch_size, enc.layout.length), np.int32)
+      out[f"mask/{name}"] = np.ones((batch_size, enc.layout.length), bool)
+    return out
+  return {"caption_id": np.zeros((batch_size,), np.int32)}

@@ -1,0 +1,170 @@
+r"""Compiles a config's real train step for a TPU topology on this machine and plans its memory.
+
+  python tools/aot_compile.py --config configs/li_dit_1b.py --topology v5e:16x16 \
+      [--config.a.b=v ...] [--json plan.json] [--prefix_tokens 64 --suffix_tokens 8]
+
+Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the CPU, on the
+devices of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one
+`li_dit.train` runs (li_dit.step_lib.plan_step), with the config's mesh, sharding rules, remat and
+dtypes; with online text encoding the frozen LLMs' forward is part of it. LLM weights are not
+read: their architecture comes from their config file when the path exists here, else from
+`li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B); the chat template's prefix and
+suffix lengths, which a tokenizer would decide, are --prefix_tokens and --suffix_tokens.
+
+Prints per-chip memory (arguments, outputs, temporaries, peak) against the chip's HBM, model
+TFLOPs per step (li_dit.flops) and the step time at 100% and 50% MFU; --json writes the same.
+Exits 1 when the step does not fit (the compiler's out-of-memory report is printed as such).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from li_dit import config_lib  # noqa: E402
+from li_dit import step as step_lib  # noqa: E402
+from li_dit.parallel import sharding  # noqa: E402
+from li_dit.parallel import tpu  # noqa: E402
+from li_dit.text import conditioning  # noqa: E402
+from li_dit.text import encoders as encoders_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16 or v5p:8x8x16.")
+_JSON = flags.DEFINE_string("json", None, "Also write the plan here as JSON.")
+_PREFIX = flags.DEFINE_integer("prefix_tokens", 64, "Template prefix tokens per LLM (system "
+                               "prompt + instruction; the paper's is ~50 with LLaMA3's template).")
+_SUFFIX = flags.DEFINE_integer("suffix_tokens", 8, "Template suffix tokens per LLM.")
+flags.mark_flags_as_required(["config", "topology"])
+
+_GIB = 2 ** 30
+
+
+def _with_shardings(shapes, shardings):
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int) -> dict:
+  """Compiles the train step of `config` for `topology`; returns the plan (see module doc)."""
+  config_lib.validate(config)
+  if config.text.encode != conditioning.ONLINE:
+    raise config_lib.ConfigError(
+        "config.text.encode: tools/aot_compile.py plans online encoding (cached features are "
+        "for small runs); pass --config.text.encode=online")
+  try:
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  except jax.errors.JaxRuntimeError as e:
+    raise ValueError(f"--topology={topology}: {e}") from e
+  chip = tpu.chip(devices[0].device_kind)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  encoders = {name: encoders_lib.PromptEncoder.planned(
+      {"name": name, **config.text.llms[name].to_dict()}, prefix_tokens, suffix_tokens)
+              for name in sorted(config.text.llms)}
+  conditioner = conditioning.TextConditioner(encoders, config.text.encode)
+  step = step_lib.plan_step(config, mesh, conditioner)
+
+  state = _with_shardings(jax.eval_shape(step.init_state, jax.random.key(0)),
+                          step.state_shardings)
+  frozen = _with_shardings(conditioner.frozen(), step.frozen_shardings)
+  size, channels, batch = config.input.image_size, config.model.channels, config.input.batch_size
+  local = {"image": np.zeros((batch, size, size, channels), np.uint8),
+           "truncated": np.zeros((batch,), np.int32),
+           **step_lib.example_text_batch(conditioner, batch)}
+  batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                         sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
+                 for k, v in local.items()}
+  step_flops = step_lib.train_step_flops(config, conditioner)
+  result = {
+      "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
+      "mesh": dict(mesh.shape), "remat": config.model.remat, "dtype": config.model.dtype,
+      "global_batch": batch, "image_size": size,
+      "llms": {n: os.path.basename(os.path.normpath(e.path)) for n, e in encoders.items()},
+      "hbm_per_chip_gib": chip.hbm_bytes / _GIB,
+      "tflops_per_step": {k: v / 1e12 for k, v in step_flops.items()},
+      "seconds_per_step_at_mfu": {
+          f"{m:.0%}": step_flops["total"] / (m * chip.peak_flops * len(devices))
+          for m in (1.0, 0.5)}}
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(step.rules):
+      compiled = step.train_step.lower(state, frozen, batch_specs).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e)
+    if not re.search(r"RESOURCE_EXHAUSTED|[Oo]ut of memory", message):
+      raise
+    result.update(fits=False, compiler_message=message.strip().splitlines()[0][:500])
+    # The compiler states what it needed in one of two forms.
+    scale = {"G": 1.0, "M": 1 / 1024, "K": 1 / 2**20}
+    for key, pattern in (("peak_gib", r"[Uu]sed ([0-9.]+)([GMK]) of [0-9.]+[GMK] hbm"),
+                         ("temporaries_gib", r"temporaries \(([0-9.]+)([GMK])\) exceeds")):
+      found = re.search(pattern, message)
+      if found:
+        result[key] = float(found.group(1)) * scale[found.group(2)]
+    return result
+  memory = compiled.memory_analysis()
+  arguments = memory.argument_size_in_bytes
+  outputs = memory.output_size_in_bytes
+  temporaries = memory.temp_size_in_bytes
+  aliased = memory.alias_size_in_bytes  # donated state: outputs reuse the arguments' buffers
+  peak = arguments + outputs - aliased + temporaries + memory.generated_code_size_in_bytes
+  result.update(
+      arguments_gib=arguments / _GIB, outputs_gib=outputs / _GIB,
+      aliased_gib=aliased / _GIB, temporaries_gib=temporaries / _GIB, peak_gib=peak / _GIB,
+      fits=peak <= chip.hbm_bytes)
+  return result
+
+
+def _print(result: dict) -> None:
+  print(f"{result['topology']} ({result['chips']} x {result['device_kind']}, "
+        f"{result['hbm_per_chip_gib']:.0f} GiB HBM each), mesh {result['mesh']}, remat "
+        f"{result['remat']}, {result['dtype']}, global batch {result['global_batch']}, LLMs "
+        f"{', '.join(result['llms'].values()) or 'none'}")
+  rows = [("arguments", "arguments_gib"), ("outputs (not aliased)", None),
+          ("temporaries", "temporaries_gib"), ("peak", "peak_gib")]
+  print(f"{'per chip':<24}{'GiB':>10}")
+  for label, key in rows:
+    if key is None and "outputs_gib" in result:
+      value = result["outputs_gib"] - result["aliased_gib"]
+    elif key in result:
+      value = result[key]
+    else:
+      continue
+    print(f"{label:<24}{value:>10.2f}")
+  flops = result["tflops_per_step"]
+  print(f"model TFLOPs per step: {flops['total']:.1f} (DiT {flops['dit']:.1f}, refiners "
+        f"{flops['refiners']:.1f}, LLMs {flops['llms']:.1f}); step time at 100% / 50% MFU: "
+        f"{result['seconds_per_step_at_mfu']['100%']:.2f} s / "
+        f"{result['seconds_per_step_at_mfu']['50%']:.2f} s")
+  if result["fits"]:
+    print(f"fits: peak {result['peak_gib']:.2f} of {result['hbm_per_chip_gib']:.0f} GiB")
+  else:
+    print(f"OUT OF MEMORY: {result.get('compiler_message', '')}"
+          + (f" (peak {result['peak_gib']:.2f} GiB)" if "peak_gib" in result else ""))
+
+
+def main(argv):
+  del argv
+  try:
+    result = plan(_CONFIG.value, _TOPOLOGY.value, _PREFIX.value, _SUFFIX.value)
+  except (config_lib.ConfigError, ValueError) as e:
+    sys.exit(f"aot_compile: {e}")
+  _print(result)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {_JSON.value}")
+  if not result["fits"]:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=config_lib.parse_flags)

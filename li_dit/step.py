@@ -85,11 +85,11 @@ class StepPlan(NamedTuple):
   train_step: Any
 
 
-def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-              conditioner: conditioning.TextConditioner) -> StepPlan:
-  """Builds the model, optimizer, state shardings and the jitted train step on `mesh`.
+def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                        ) -> tuple[tuple[str, Any], ...]:
+  """Raises ConfigError unless the global batch divides over the mesh's data-parallel devices.
 
-  Raises ConfigError when the global batch does not divide over the data-parallel devices.
+  Returns the sharding rules of `config` (which decide which mesh axes split the batch).
   """
   rules = sharding.rules_from_config(config.sharding_rules)
   dp = sharding.data_parallel_size(mesh, rules)
@@ -97,6 +97,16 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     raise config_lib.ConfigError(
         f"config.input.batch_size={config.input.batch_size} does not divide over the "
         f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
+  return rules
+
+
+def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              conditioner: conditioning.TextConditioner) -> StepPlan:
+  """Builds the model, optimizer, state shardings and the jitted train step on `mesh`.
+
+  Raises ConfigError when the global batch does not divide over the data-parallel devices.
+  """
+  rules = check_batch_divides(config, mesh)
   model = generate.build_model(config, len(conditioner.names))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   size, channels = config.input.image_size, config.model.channels

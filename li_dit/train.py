@@ -58,6 +58,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       f.write(config_lib.to_json(config))
 
   mesh = sharding.make_mesh(config.mesh)
+  step_lib.check_batch_divides(config, mesh)  # Before any LLM is loaded or anything compiled.
   # The frozen text side: LLMs, their instruction prefixes, and (cached mode) the feature table.
   encoders = generate.build_encoders(config.text)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)

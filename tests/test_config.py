@@ -2,6 +2,7 @@
 flag or field; the parameter table of the paper's model sizes."""
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -79,3 +80,19 @@ def test_param_count_tool_prints_the_table():
                        "t_embedder", "total"}
   assert rows["total"] == sum(v for k, v in rows.items() if k != "total")
   assert 0.9e9 < rows["total"] < 1.3e9  # "LI-DiT-1B"
+
+
+def test_train_rejects_a_batch_the_data_parallel_devices_do_not_divide(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  start = time.perf_counter()
+  proc = subprocess.run(
+      [sys.executable, "-m", "li_dit.train", "--config",
+       os.path.join(REPO, "configs", "demo.py") + ":smoke", "--workdir", str(workdir),
+       "--config.mesh.data=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert ("config.input.batch_size=8 does not divide over the 3 data-parallel devices"
+          in proc.stderr), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (workdir / "checkpoints").exists()
+  print(f"rejected after {time.perf_counter() - start:.1f} s (before the LLM is loaded)")

@@ -135,9 +135,7 @@ class PromptEncoder:
                                            self.spec.max_tokens, pad_id=0)
     self.module = llm.DecoderLLM(self.config, layer=self.spec.layer, dtype=dtype,
                                  param_dtype=dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    self.params = nn.unbox(jax.eval_shape(self.module.init, jax.random.key(0), tokens,
-                                          jnp.ones_like(tokens, bool))["params"])
+    self.params = nn.unbox(self._abstract_params())
     return self
 
   @property
@@ -154,10 +152,13 @@ class PromptEncoder:
 
   def logical_specs(self) -> Params:
     """Logical PartitionSpecs of `params` (the LLM's axis names: vocab, embed, heads, mlp, ...)."""
+    return nn.get_partition_spec(self._abstract_params())
+
+  def _abstract_params(self) -> Params:
+    """The module's parameters as boxed ShapeDtypeStructs (with their axis names), no memory."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(self.module.init, jax.random.key(0), tokens,
-                              jnp.ones_like(tokens, bool))
-    return nn.get_partition_spec(abstract)["params"]
+    return jax.eval_shape(self.module.init, jax.random.key(0), tokens,
+                          jnp.ones_like(tokens, bool))["params"]
 
   def tokenize(self, prompts: Sequence[str]) -> prompts_lib.TokenizedPrompts:
     """Prompt rows: tokens [B,L] int32, mask [B,L] bool (numpy), truncation count."""

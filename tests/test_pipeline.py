@@ -1,5 +1,5 @@
-"""The grain pipeline: deterministic batches, exact resume with worker processes, host shards,
-caption dropout."""
+"""The grain pipeline: deterministic batches, exact resume with worker processes, host shards
+of the same global batches, starting at a batch, caption dropout."""
 import numpy as np
 import ml_collections
 import pytest
@@ -55,15 +55,31 @@ def test_resume_from_iterator_state_is_exact(num_workers):
     _assert_same(want, got)
 
 
-def test_hosts_read_disjoint_shards():
-  config = _input_config(batch_size=16)
-  host0 = next(iter(pipeline.make_train_dataset(config, _captions(), 0, 2)))
-  host1 = next(iter(pipeline.make_train_dataset(config, _captions(), 1, 2)))
-  assert host0["image"].shape[0] == host1["image"].shape[0] == 8
-  flat0 = {img.tobytes() for img in host0["image"]}
-  assert not flat0 & {img.tobytes() for img in host1["image"]}
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_read_their_rows_of_the_same_global_batches(hosts):
+  # Host p's k-th batch is rows [p*B/P, (p+1)*B/P) of global batch k, caption dropout included:
+  # the global batches (and so the per-example noise of the train step) do not depend on the
+  # number of hosts.
+  config = _input_config(batch_size=16, caption_dropout=0.3)
+  one_host = _take(iter(pipeline.make_train_dataset(config, _captions())), 3)
+  shares = [_take(iter(pipeline.make_train_dataset(config, _captions(), p, hosts)), 3)
+            for p in range(hosts)]
+  for k, want in enumerate(one_host):
+    assert shares[0][k]["image"].shape[0] == 16 // hosts
+    _assert_same(want, {key: np.concatenate([s[k][key] for s in shares]) for key in want})
   with pytest.raises(ValueError, match="does not divide over 3 hosts"):
     pipeline.make_train_dataset(config, _captions(), 0, 3)
+
+
+def test_start_batch_continues_the_stream():
+  config = _input_config(batch_size=8)
+  for hosts in (1, 2):
+    for p in range(hosts):
+      stream = _take(iter(pipeline.make_train_dataset(config, _captions(), p, hosts)), 5)
+      late = _take(iter(pipeline.make_train_dataset(config, _captions(), p, hosts,
+                                                    start_batch=3)), 2)
+      for want, got in zip(stream[3:], late):
+        _assert_same(want, got)
 
 
 def test_caption_dropout_gives_the_null_prompt():

@@ -1,8 +1,9 @@
-"""The grain input pipeline: source -> global shuffle -> host shard -> caption dropout -> text
-inputs -> batches, optionally in worker processes.
+"""The grain input pipeline: source -> global shuffle -> caption dropout -> text inputs ->
+batches -> this host's share of each global batch, optionally in worker processes.
 
 Everything is a deterministic function of (seed, record index), so the iterator state saved in
-a checkpoint (a position) restores exactly the batches an uninterrupted run would have seen.
+a checkpoint (a position) restores exactly the batches an uninterrupted run would have seen, and
+global batch k holds the same examples in the same rows whatever the number of hosts.
 Transforms are module-level classes because grain pickles them into its worker processes.
 """
 from __future__ import annotations
@@ -63,14 +64,19 @@ class ToModelInputs(grain.transforms.Map):
 
 def make_train_dataset(input_config: ml_collections.ConfigDict,
                        text_transform: Callable[[str], dict[str, np.ndarray]],
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                       process_index: int = 0, process_count: int = 1,
+                       start_batch: int = 0) -> grain.IterDataset:
   """This host's share of the training batches, as a grain IterDataset of numpy dicts.
+
+  Host p's k-th batch is rows [p*B/P, (p+1)*B/P) of global batch k (B = batch_size, P =
+  process_count), the rows `sharding.host_to_global` places on p's devices.
 
   Args:
     input_config: `config.input` (source, image_size, batch_size (global), caption_dropout,
       seed, num_workers, prefetch_buffer).
     text_transform: caption -> dict of arrays (tokens or caption ids), picklable.
     process_index, process_count: this host and the number of hosts.
+    start_batch: the first global batch to read (0: from the start).
   """
   if input_config.batch_size % process_count:
     raise ValueError(f"config.input.batch_size={input_config.batch_size} does not divide over "
@@ -78,10 +84,12 @@ def make_train_dataset(input_config: ml_collections.ConfigDict,
   local_batch = input_config.batch_size // process_count
   ds = grain.MapDataset.source(make_source(input_config, "train"))
   ds = ds.seed(input_config.seed).shuffle().repeat()
-  ds = ds[process_index::process_count]
+  # Dropout draws by global record index, so it does not depend on the number of hosts either.
   ds = ds.random_map(CaptionDropout(input_config.caption_dropout))
   ds = ds.map(ToModelInputs(text_transform))
+  # Global batch k is local batches k*P .. k*P+P-1, one per host.
   ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds[start_batch * process_count + process_index::process_count]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if input_config.num_workers > 0:
     # grain's workers read absl flags; outside an absl app (tests, notebooks) nobody parsed them.

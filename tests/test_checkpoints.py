@@ -41,6 +41,7 @@ def test_round_trip_of_arrays_data_position_and_config(tmp_path):
   for want in expected_next:  # The data continues exactly where it was saved.
     np.testing.assert_array_equal(next(fresh), want)
   assert ckpt.restore_config(5).model.width == 96
+  assert ckpt.data_process_count(5) == 1
   # One item alone (what sampling reads).
   only = ckpt.restore(5, {"ema_params": checkpoints.abstract_like(arrays["ema_params"])})
   np.testing.assert_array_equal(only["ema_params"]["w"], arrays["ema_params"]["w"])
@@ -48,11 +49,16 @@ def test_round_trip_of_arrays_data_position_and_config(tmp_path):
 
 def test_restore_errors_name_the_problem(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
-  ckpt.save(3, _arrays(0), _iterator(), config_lib.default_config())
+  saved = _iterator()
+  next(saved)
+  ckpt.save(3, _arrays(0), saved, config_lib.default_config())
   with pytest.raises(checkpoints.CheckpointError, match="no checkpoint for step 4.*available steps: \\[3\\]"):
     ckpt.restore(4, checkpoints.abstract_like(_arrays(0)))
   wrong = checkpoints.abstract_like(_arrays(0))
   wrong["params"]["w"] = jax.ShapeDtypeStruct((5, 3), jnp.float32)
+  fresh = _iterator()
   with pytest.raises(checkpoints.CheckpointError, match="step 3"):
-    ckpt.restore(3, wrong)
+    ckpt.restore(3, wrong, data_iterator=fresh)
+  # Nothing half-loaded: the data iterator was not moved to the checkpoint's position.
+  np.testing.assert_array_equal(next(fresh), next(_iterator()))
   ckpt.close()

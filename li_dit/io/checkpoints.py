@@ -59,19 +59,28 @@ class Checkpointer:
               ) -> dict[str, Any]:
     """Restores the items named in `abstract` (trees of ShapeDtypeStruct with shardings).
 
-    The data iterator, if given, is restored in place. Everything is read before anything is
-    returned, so a failure leaves the caller's state untouched.
+    The arrays are resharded to the given shardings, whatever mesh and number of processes
+    saved them. The data iterator, if given, is restored in place, and only once the arrays
+    are read, so a failure leaves the caller's state untouched. It restores only under the
+    number of processes that saved it (`data_process_count`).
     """
     self._check_step(step)
-    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    restored = self._restore(step, {name: ocp.args.StandardRestore(tree)
+                                    for name, tree in abstract.items()})
     if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} does not match "
-                            f"the model or is incomplete: {e}") from e
+      self._restore(step, {"data": grain.checkpoint.CheckpointRestore(data_iterator)})
     return {name: restored[name] for name in abstract}
+
+  def data_process_count(self, step: int) -> int | None:
+    """How many processes saved the data-iterator state of `step` (None: it has none).
+
+    grain's handler writes one state file per process, process_<i>-of-<n>.json, and restores
+    only under the same n.
+    """
+    self._check_step(step)
+    for path in (self.manager.directory / str(step) / "data").glob("process_*-of-*.json"):
+      return int(path.stem.rsplit("-of-", 1)[1])
+    return None
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     self._check_step(step)
@@ -88,6 +97,13 @@ class Checkpointer:
     if step not in self.manager.all_steps():
       raise CheckpointError(f"no checkpoint for step {step} in {self.manager.directory}; "
                             f"available steps: {sorted(self.manager.all_steps())}")
+
+  def _restore(self, step: int, args: dict[str, Any]) -> Any:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} does not match "
+                            f"the model or is incomplete: {e}") from e
 
 
 def abstract_like(tree: Any) -> Any:

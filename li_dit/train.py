@@ -6,7 +6,13 @@ A run lives in its workdir: checkpoints/ (orbax: params, EMA, optimizer and data
 config), metrics.jsonl (one JSON object per logged step), tensorboard/, samples/step_<N>.png and
 config.json. Starting the same command again resumes from the latest checkpoint: the same step
 count and the same data order as an uninterrupted run. SIGTERM (e.g. a preemption notice) saves
-a checkpoint at the current step before exiting.
+a checkpoint after the current step (with several processes: a step all of them reach) and exits.
+
+Several processes (hosts) train one model together, each loading its share of every global
+batch. On TPU pod slices (and Slurm or Open MPI jobs) JAX finds its peers by itself; elsewhere
+start every process with the same `--coordinator_address HOST:PORT --num_processes N` and its own
+`--process_id I`. Process 0 writes config.json, metrics, TensorBoard and samples; all of them
+save checkpoints together. A checkpoint resumes on any number of processes and any mesh.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from li_dit import config_lib
@@ -32,20 +39,67 @@ from li_dit.text import conditioning
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created, or resumed).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0, for a multi-process run started by hand (with --num_processes and "
+    "--process_id). Without these flags processes join only where JAX detects a cluster.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (never mid-step)."""
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins the processes of a multi-process run. Call it before anything touches a device.
+
+  Given any argument, the run was started by hand: jax.distributed.initialize gets them (and
+  fills the others from a detected cluster, or fails naming them). Given none, it is called only
+  where JAX detects a cluster by itself; on a lone machine it would fail for want of a
+  coordinator, and one process needs none.
+  """
+  if (coordinator_address, num_processes, process_id) == (None, None, None) and (
+      not _cluster_detected()):
+    return
+  # Collectives between the CPU devices of different processes go through gloo (CPU runs).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def _cluster_detected() -> bool:
+  """Whether jax.distributed.initialize() finds its coordinator, process count and id itself.
+
+  JAX's own detection (its ClusterEnv: GCE and GKE TPU slices, multi-slice, Slurm, Open MPI,
+  Kubernetes); no public API asks it without initializing.
+  """
+  from jax._src import clusters
+  return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types
+             if not env.opt_in_only_method)
+
+
+class Preemption:
+  """SIGTERM (e.g. a preemption notice) -> stop after a step, never mid-step.
+
+  One process: a handler sets a flag the loop reads after each step. Several: JAX's preemption
+  sync manager (started by jax.distributed.initialize) catches SIGTERM on any of them and has all
+  agree on the step to stop after, so they save that checkpoint together.
+  """
 
   def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._requested = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     logging.warning("signal %d: checkpointing after the current step, then exiting", signum)
-    self.requested = True
+    self._requested = True
+
+  def stop_after(self, step: int) -> bool:
+    """Call once after each step, on every process."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
@@ -63,15 +117,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   encoders = generate.build_encoders(config.text)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
   if config.text.encode == conditioning.CACHED:
+    # Process 0 alone reads and writes the cache file (no two processes write it at once); the
+    # others compute the same table.
     conditioner.build_table(pipeline.source_captions(config.input),
-                            cache_dir=os.path.join(workdir, "text_cache"))
+                            cache_dir=os.path.join(workdir, "text_cache") if is_main else None)
   plan = step_lib.plan_step(config, mesh, conditioner)
   frozen = jax.device_put(conditioner.frozen(), plan.frozen_shardings)
   model, rules = plan.model, plan.rules
   size, channels = config.input.image_size, config.model.channels
 
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  # grain's iterator state restores only under the number of processes that saved it. Otherwise
+  # the data restarts at the global batch step `start + 1` reads: the pipeline is a function of
+  # the batch index, so the batches are the same as the saved run would have read.
+  saved_by = ckpt.data_process_count(start) if start else None
+  restore_iterator = saved_by == jax.process_count()
   dataset = pipeline.make_train_dataset(config.input, conditioner.data_transform(),
-                                        jax.process_index(), jax.process_count())
+                                        jax.process_index(), jax.process_count(),
+                                        start_batch=0 if restore_iterator else start)
   data_iter = iter(dataset)
   state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(
       jax.random.key(config.seed))
@@ -83,15 +147,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       parts.append(f"{what} {total / 2**20:.1f} MiB ({per_device / 2**20:.1f} MiB on device 0)")
     print(f"mesh {dict(mesh.shape)}: " + ", ".join(parts), flush=True)
 
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step() or 0
   if start:
     restored = ckpt.restore(start, {
         "params": checkpoints.abstract_like(state.params),
         "ema_params": checkpoints.abstract_like(state.ema_params),
-        "opt_state": checkpoints.abstract_like(state.opt_state)}, data_iterator=data_iter)
+        "opt_state": checkpoints.abstract_like(state.opt_state)},
+        data_iterator=data_iter if restore_iterator else None)
     state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
     logging.info("resumed from step %d in %s", start, workdir)
+    if not restore_iterator:
+      logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run has "
+                      "%d: the data restarts at global batch %d, where the saved run would have "
+                      "continued", start, saved_by, jax.process_count(), start)
 
   generator = generate.Generator(model, conditioner, (size, size, channels),
                                  generate.time_shift(config))
@@ -106,14 +173,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
           f"({peak_source})", flush=True)
   progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
                                   step_flops["total"], peak, mesh.size)
-  preemption = _Preemption()
+  preemption = Preemption()
 
   def write_samples(step: int):
-    if sample_text is None or not is_main:
+    if sample_text is None:
       return
+    # Every process runs the sampler (the EMA params are sharded over all of them).
     images = generator.sample(state.ema_params, sample_text, config.sample.seed,
                               config.sample.steps, config.sample.cfg, config.sample.sampler)
-    generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
+    if is_main:
+      generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
 
   pending = []
   for step in range(start + 1, config.total_steps + 1):
@@ -130,12 +199,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       writer.write(step, summary)
       if is_main:
         print(progress.line(step, summary), flush=True)
-    if step % config.checkpoint_every == 0 or last or preemption.requested:
+    stop = preemption.stop_after(step)
+    if step % config.checkpoint_every == 0 or last or stop:
       ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
                        "opt_state": state.opt_state}, data_iter, config, force=True)
     if config.sample_every and (step % config.sample_every == 0 or last):
       write_samples(step)
-    if preemption.requested:
+    if stop:
       ckpt.wait()
       writer.close()
       logging.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
@@ -150,6 +220,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO.
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:

@@ -8,7 +8,8 @@ space as LI-DiT-1B.
   python tools/param_count.py --config configs/li_dit_10b.py   # the trainable parameters
 
 512px images (64x64x16 latents), global batch 4096, parameters and optimizer state sharded over
-`fsdp` with rematerialised blocks.
+`fsdp` with rematerialised blocks. `--config configs/li_dit_10b.py:1024` is the 1024px stage
+(128x128x16 latents, 4096 image tokens per sample), same batch.
 """
 import importlib.util
 import os
@@ -26,7 +27,13 @@ def _load_sibling(name: str):
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  config = _load_sibling("li_dit_1b").get_config(arg)
-  config.input.update(image_size=64, batch_size=4096)  # 512px images -> 64x64 latents.
+  """`arg`: None or "512" (the 512px stage), "1024" (the 1024px stage)."""
+  resolutions = {"512": 64, "1024": 128}  # pixels -> latent side
+  resolution = arg or "512"
+  if resolution not in resolutions:
+    raise ValueError(f"configs/li_dit_10b.py: unknown variant {arg!r}; choose one of "
+                     f"{tuple(resolutions)} or nothing")
+  config = _load_sibling("li_dit_1b").get_config()
+  config.input.update(image_size=resolutions[resolution], batch_size=4096)
   config.model.update(width=2816, depth=48, num_heads=44, remat="full")
   return config

@@ -26,8 +26,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       "Meta-Llama-3-8B-Instruct", layer=-3, max_tokens=128, hidden_size=4096)
   config.text.llms.qwen15 = config_lib.llm_config(
       "Qwen1.5-7B-Chat", layer=-3, max_tokens=128, hidden_size=4096)
+  # Splash attention: the TPU flash-attention kernel (interpreted, slowly, off TPU; use
+  # --config.model.attention=xla there).
   config.model.update(patch_size=2, channels=16, width=1152, depth=28, num_heads=16,
-                      dtype="bfloat16", scan_layers=True)
+                      dtype="bfloat16", scan_layers=True, attention="splash")
   config.flow.base_size = 32
   config.optim.update(lr=1e-4, warmup_steps=1000)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)

@@ -17,6 +17,7 @@ import ml_collections
 from absl import flags
 
 from li_dit.diffusion import samplers
+from li_dit.models import attention, dit
 
 DTYPES = ("float32", "bfloat16")
 TEXT_MODES = ("online", "cached")
@@ -51,10 +52,12 @@ def default_config() -> ml_collections.ConfigDict:
   # features once (sources with a fixed caption set only).
   config.text = dict(encode="online", llms={})
 
+  # remat: a key of li_dit.models.dit.REMAT_POLICIES. attention: "xla", or "splash" (the TPU
+  # flash-attention kernel; interpreted, slowly, on other backends).
   config.model = dict(
       patch_size=2, channels=3, width=1152, depth=28, num_heads=16, mlp_ratio=4.0,
       qk_norm=True, pos_kernel_size=3, refiner_depth=2, scan_layers=True, remat="none",
-      dtype="float32", param_dtype="float32")
+      attention="xla", dtype="float32", param_dtype="float32")
 
   # Rectified flow: logit-normal t (mean, std), shifted by base_shift * sqrt(pixels / base_size^2).
   config.flow = dict(t_mean=0.0, t_std=1.0, base_size=256, base_shift=1.0)
@@ -65,7 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Sample grids written during training (and the defaults of li_dit.sample).
   config.sample = dict(prompts=(), steps=30, cfg=4.5, sampler="heun", seed=0)
 
+  # Mesh sizes within a slice (ICI) and across slices (DCN, multiplying them); -1 fills the rest.
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.dcn_mesh = dict(data=1, fsdp=1, tensor=1)
   # None: li_dit.parallel.sharding.DEFAULT_RULES; else a list of [logical name, mesh axes].
   config.sharding_rules = ml_collections.FieldReference(None, field_type=list)
   return config
@@ -126,8 +131,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}")
   for field in ("dtype", "param_dtype"):
     _require(m[field] in DTYPES, f"model.{field}", f"{m[field]!r} is not one of {DTYPES}")
-  _require(m.remat in ("none", "full", "save_dots"), "model.remat",
-           f"{m.remat!r} is not one of ('none', 'full', 'save_dots')")
+  _require(m.remat in dit.REMAT_POLICIES, "model.remat",
+           f"{m.remat!r} is not one of {tuple(dit.REMAT_POLICIES)}")
+  _require(m.attention in attention.IMPLEMENTATIONS, "model.attention",
+           f"{m.attention!r} is not one of {attention.IMPLEMENTATIONS}")
   size = config.input.image_size
   _require(size % m.patch_size == 0, "input.image_size",
            f"{size} is not divisible by model.patch_size={m.patch_size}")

@@ -3,7 +3,7 @@ compiles (`tools/aot_compile.py`): model, optimizer, state and frozen-text shard
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -85,6 +85,16 @@ class StepPlan(NamedTuple):
   train_step: Any
 
 
+def make_mesh(config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The mesh of `config` (config.mesh within a slice, config.dcn_mesh across slices) over
+  `devices` (default: all); ConfigError when the sizes do not fit the devices."""
+  try:
+    return sharding.make_mesh(config.mesh, devices, config.dcn_mesh)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.mesh / config.dcn_mesh: {e}") from e
+
+
 def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                         ) -> tuple[tuple[str, Any], ...]:
   """Raises ConfigError unless the global batch divides over the mesh's data-parallel devices.
@@ -107,6 +117,11 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   Raises ConfigError when the global batch does not divide over the data-parallel devices.
   """
   rules = check_batch_divides(config, mesh)
+  memories = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
+  if config.model.remat == "offload" and "pinned_host" not in memories:
+    raise config_lib.ConfigError(
+        f"config.model.remat='offload': {mesh.devices.flat[0].platform} devices have no host "
+        f"memory to offload to (memories {sorted(memories)}); use 'save_dots' or 'full'")
   model = generate.build_model(config, len(conditioner.names))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   size, channels = config.input.image_size, config.model.channels

@@ -19,7 +19,8 @@ def _load(name, arg=None):
 
 
 @pytest.mark.parametrize("name,arg", [("demo.py", None), ("demo.py", "smoke"),
-                                      ("li_dit_1b.py", None), ("li_dit_10b.py", None)])
+                                      ("li_dit_1b.py", None), ("li_dit_10b.py", None),
+                                      ("li_dit_10b.py", "1024")])
 def test_shipped_configs_validate(name, arg):
   config = _load(name, arg)
   config_lib.validate(config)
@@ -38,6 +39,8 @@ def test_unknown_demo_variant():
     ("text.encode", "offline", "config.text.encode: 'offline' is not one of"),
     ("model.dtype", "float16", "config.model.dtype: 'float16' is not one of"),
     ("sample.sampler", "ddim", "config.sample.sampler: 'ddim' is not one of"),
+    ("model.remat", "save-everything", "config.model.remat: 'save-everything' is not one of"),
+    ("model.attention", "flash", "config.model.attention: 'flash' is not one of"),
     ("optim.warmup_steps", 100, "config.optim.warmup_steps: must be in"),
     ("input.caption_dropout", 1.0, "config.input.caption_dropout: must be in"),
 ])

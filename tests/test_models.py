@@ -183,3 +183,32 @@ def test_li_dit_composition(num_llms):
   np.testing.assert_allclose(model.apply({"params": params}, x, t, padded), out, atol=1e-4)
   with pytest.raises(ValueError, match="LLM"):
     model.apply({"params": params}, x, t, text + text)
+
+
+@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_remat_policies_change_memory_not_values(scan_layers):
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  t_emb = jax.random.normal(jax.random.key(1), (4, WIDTH))
+  text = jax.random.normal(jax.random.key(2), (4, 5, WIDTH))
+  text_mask = jnp.ones((4, 5), bool)
+  results, temporaries = {}, {}
+  for remat in dit_lib.REMAT_POLICIES:
+    model = dit_lib.DiT(patch_size=2, channels=3, width=WIDTH, depth=3, num_heads=HEADS,
+                        scan_layers=scan_layers, remat=remat)
+    params = _perturb(model.init(jax.random.key(3), x, t_emb, text, text_mask)["params"])
+    step = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.square(
+        model.apply({"params": p}, x, t_emb, text, text_mask)))))
+    compiled = step.lower(params).compile()
+    temporaries[remat] = compiled.memory_analysis().temp_size_in_bytes
+    results[remat] = compiled(params)
+  want_loss, want_grads = results["none"]
+  for remat, (loss, grads) in results.items():
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=remat)
+    for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=remat)
+  if scan_layers:
+    # Recomputing the blocks keeps fewer activations alive: the scan's saved residuals shrink.
+    # (XLA:CPU schedules unrolled blocks without regard to memory, so only the scan shows it.
+    # On CPU device memory is host memory and "offload" plans like "save_dots";
+    # tests/test_aot_compile.py checks the offload on TPU.)
+    assert temporaries["full"] < temporaries["save_dots"] < temporaries["none"], temporaries

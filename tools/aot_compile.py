@@ -1,7 +1,8 @@
 r"""Compiles a config's real train step for a TPU topology on this machine and plans its memory.
 
   python tools/aot_compile.py --config configs/li_dit_1b.py --topology v5e:16x16 \
-      [--config.a.b=v ...] [--json plan.json] [--prefix_tokens 64 --suffix_tokens 8]
+      [--config.a.b=v ...] [--json plan.json] [--prefix_tokens 64 --suffix_tokens 8] \
+      [--num_slices 2 --config.dcn_mesh.data=2]
 
 Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the CPU, on the
 devices of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one
@@ -44,6 +45,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the plan here as JSON.")
 _PREFIX = flags.DEFINE_integer("prefix_tokens", 64, "Template prefix tokens per LLM (system "
                                "prompt + instruction; the paper's is ~50 with LLaMA3's template).")
 _SUFFIX = flags.DEFINE_integer("suffix_tokens", 8, "Template suffix tokens per LLM.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN "
+                               "(multi-slice); the config's dcn_mesh spans them.")
 flags.mark_flags_as_required(["config", "topology"])
 
 _GIB = 2 ** 30
@@ -54,7 +57,8 @@ def _with_shardings(shapes, shardings):
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int) -> dict:
+def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
+         num_slices: int = 1) -> dict:
   """Compiles the train step of `config` for `topology`; returns the plan (see module doc)."""
   config_lib.validate(config)
   if config.text.encode != conditioning.ONLINE:
@@ -62,11 +66,12 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int) -> dict:
         "config.text.encode: tools/aot_compile.py plans online encoding (cached features are "
         "for small runs); pass --config.text.encode=online")
   try:
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                           num_slices=num_slices).devices
   except jax.errors.JaxRuntimeError as e:
     raise ValueError(f"--topology={topology}: {e}") from e
   chip = tpu.chip(devices[0].device_kind)
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = step_lib.make_mesh(config, devices)
   encoders = {name: encoders_lib.PromptEncoder.planned(
       {"name": name, **config.text.llms[name].to_dict()}, prefix_tokens, suffix_tokens)
               for name in sorted(config.text.llms)}
@@ -85,8 +90,10 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int) -> dict:
                  for k, v in local.items()}
   step_flops = step_lib.train_step_flops(config, conditioner)
   result = {
-      "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
-      "mesh": dict(mesh.shape), "remat": config.model.remat, "dtype": config.model.dtype,
+      "topology": topology, "slices": num_slices, "chips": len(devices),
+      "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+      "remat": config.model.remat, "attention": config.model.attention,
+      "dtype": config.model.dtype,
       "global_batch": batch, "image_size": size,
       "llms": {n: os.path.basename(os.path.normpath(e.path)) for n, e in encoders.items()},
       "hbm_per_chip_gib": chip.hbm_bytes / _GIB,
@@ -119,22 +126,26 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int) -> dict:
   result.update(
       arguments_gib=arguments / _GIB, outputs_gib=outputs / _GIB,
       aliased_gib=aliased / _GIB, temporaries_gib=temporaries / _GIB, peak_gib=peak / _GIB,
+      # Activations that remat="offload" keeps in host memory instead of HBM.
+      host_temporaries_gib=memory.host_temp_size_in_bytes / _GIB,
       fits=peak <= chip.hbm_bytes)
   return result
 
 
 def _print(result: dict) -> None:
-  print(f"{result['topology']} ({result['chips']} x {result['device_kind']}, "
+  slices = f" x {result['slices']} slices" if result["slices"] > 1 else ""
+  print(f"{result['topology']}{slices} ({result['chips']} x {result['device_kind']}, "
         f"{result['hbm_per_chip_gib']:.0f} GiB HBM each), mesh {result['mesh']}, remat "
-        f"{result['remat']}, {result['dtype']}, global batch {result['global_batch']}, LLMs "
+        f"{result['remat']}, attention {result['attention']}, {result['dtype']}, global batch {result['global_batch']}, LLMs "
         f"{', '.join(result['llms'].values()) or 'none'}")
   rows = [("arguments", "arguments_gib"), ("outputs (not aliased)", None),
-          ("temporaries", "temporaries_gib"), ("peak", "peak_gib")]
+          ("temporaries", "temporaries_gib"), ("peak", "peak_gib"),
+          ("host (offloaded)", "host_temporaries_gib")]
   print(f"{'per chip':<24}{'GiB':>10}")
   for label, key in rows:
     if key is None and "outputs_gib" in result:
       value = result["outputs_gib"] - result["aliased_gib"]
-    elif key in result:
+    elif key in result and (key != "host_temporaries_gib" or result[key]):
       value = result[key]
     else:
       continue
@@ -154,7 +165,7 @@ def _print(result: dict) -> None:
 def main(argv):
   del argv
   try:
-    result = plan(_CONFIG.value, _TOPOLOGY.value, _PREFIX.value, _SUFFIX.value)
+    result = plan(_CONFIG.value, _TOPOLOGY.value, _PREFIX.value, _SUFFIX.value, _SLICES.value)
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"aot_compile: {e}")
   _print(result)

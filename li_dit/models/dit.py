@@ -58,6 +58,7 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = True
+  attention: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -69,10 +70,11 @@ class DiTBlock(nn.Module):
     width = x.shape[-1]
     (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca, shift_mlp, scale_mlp,
      gate_mlp) = layers.AdaLNModulation(9, width, name="adaln", **kw)(c)
-    h = layers.Attention(self.num_heads, self.qk_norm, name="self_attn", **kw)(
+    attn = dict(qk_norm=self.qk_norm, implementation=self.attention, **kw)
+    h = layers.Attention(self.num_heads, name="self_attn", **attn)(
         layers.modulate(layers.layer_norm(x), shift_sa, scale_sa))
     x = x + gate_sa[:, None, :] * h
-    h = layers.Attention(self.num_heads, self.qk_norm, name="cross_attn", **kw)(
+    h = layers.Attention(self.num_heads, name="cross_attn", **attn)(
         layers.modulate(layers.layer_norm(x), shift_ca, scale_ca), kv_mask=text_mask,
         context=text)
     x = x + gate_ca[:, None, :] * h
@@ -89,10 +91,14 @@ class _ScannedBlock(DiTBlock):
     return super().__call__(x, c, text, text_mask), None
 
 
+# What each block keeps for the backward pass. full: only its inputs (recompute the rest);
+# save_dots: the weight matmuls' outputs; offload: those too, but in host memory (pinned_host),
+# copied back for the backward pass, which frees HBM at the cost of host transfers.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -105,6 +111,7 @@ class DiT(nn.Module):
     scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with
       `nn.scan` (one compiled block instead of `depth`, essential for compile time at scale).
     remat: rematerialisation policy of each block (a key of REMAT_POLICIES).
+    attention: "xla" or "splash" (li_dit.models.attention).
   """
   patch_size: int
   channels: int
@@ -116,6 +123,7 @@ class DiT(nn.Module):
   pos_kernel_size: int = 3
   scan_layers: bool = True
   remat: str = "none"
+  attention: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -135,7 +143,7 @@ class DiT(nn.Module):
     c = t_emb + layers.MLP(self.width, name="text_pool_mlp", **kw)(pooled.astype(self.dtype))
 
     block_kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
-                    **kw)
+                    attention=self.attention, **kw)
     policy = REMAT_POLICIES[self.remat]
     if self.scan_layers:
       block = _ScannedBlock

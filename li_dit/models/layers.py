@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from li_dit.models import attention
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -116,29 +118,6 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array) -> jax.Array:
-  """Boolean [B,1,Tq,Tk] mask from key validity [B,Tk] (and optionally query validity [B,Tq]).
-
-  Query padding is not masked out of the softmax (its rows would be empty): padded queries
-  attend to the valid keys and their outputs are ignored downstream.
-  """
-  del q_mask
-  return kv_mask[:, None, None, :]
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
-  """Softmax attention in the [B,T,H,K] layout (no head transposes in the caller).
-
-  Args:
-    q: [B,Tq,H,K] queries. k, v: [B,Tk,Hkv,K] keys and values; Hkv divides H (grouped-query).
-    mask: boolean, broadcastable to [B,H,Tq,Tk]; True where attention is allowed.
-  Returns:
-    [B,Tq,H,K] in q's dtype. Logits and softmax are float32.
-  """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-
-
 class MLP(nn.Module):
   """Two-layer GELU (tanh) MLP: D -> hidden -> D."""
   hidden: int
@@ -197,9 +176,11 @@ class Attention(nn.Module):
 
   Self-attention projects q, k and v with one fused kernel (one large matmul instead of three).
   `context` None means self-attention over x. Key padding is masked with `kv_mask`.
+  `implementation`: "xla" or "splash" (li_dit.models.attention).
   """
   num_heads: int
   qk_norm: bool = True
+  implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -224,8 +205,7 @@ class Attention(nn.Module):
       norm = dict(scale_axes=("head_dim",), **kw)
       q, k = RMSNorm(name="q_norm", **norm)(q), RMSNorm(name="k_norm", **norm)(k)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    mask = None if kv_mask is None else attention_mask(None, kv_mask)
-    out = dot_product_attention(q, k, v, mask)
+    out = attention.dot_product_attention(q, k, v, kv_mask, self.implementation)
     return Dense(width, ("heads", "head_dim", "embed"), in_axes=2, name="out", **kw)(out)
 
 

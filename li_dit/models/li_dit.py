@@ -56,6 +56,7 @@ class ModelConfig:
   refiner_depth: int = 2
   scan_layers: bool = True
   remat: str = "none"
+  attention: str = "xla"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -83,7 +84,7 @@ class LIDiT(nn.Module):
     for i, feats in enumerate(text):
       full, mask = feats.with_prefix()
       refined, c = refiner_lib.TokenRefiner(
-          cfg.width, cfg.refiner_depth, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm,
+          cfg.width, cfg.refiner_depth, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.attention,
           name=f"token_refiner_{i}", **kw)(full, mask, t_emb)
       tokens.append(refined)
       masks.append(mask)
@@ -91,12 +92,12 @@ class LIDiT(nn.Module):
       prefix_lens.append(feats.prefix.shape[0])
     if self.num_llms > 1:
       tokens = refiner_lib.CollaborativeRefiner(
-          cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, name="collaborative_refiner", **kw)(
-              tokens, masks, conds)
+          cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.attention,
+          name="collaborative_refiner", **kw)(tokens, masks, conds)
     text_tokens, text_mask = refiner_lib.drop_instruction_tokens(tokens, masks, prefix_lens)
     text_tokens = layers.constrain(text_tokens, ("batch", "text_length", "embed"))
     return dit_lib.DiT(
         patch_size=cfg.patch_size, channels=cfg.channels, width=cfg.width, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm,
         pos_kernel_size=cfg.pos_kernel_size, scan_layers=cfg.scan_layers, remat=cfg.remat,
-        name="dit", **kw)(x, t_emb, text_tokens, text_mask)
+        attention=cfg.attention, name="dit", **kw)(x, t_emb, text_tokens, text_mask)

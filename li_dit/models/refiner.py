@@ -31,6 +31,7 @@ class TokenRefiner(nn.Module):
   num_heads: int = 8
   mlp_ratio: float = 4.0
   qk_norm: bool = True
+  attention: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -51,8 +52,8 @@ class TokenRefiner(nn.Module):
     pooled = layers.masked_mean(features, mask)
     c = t_emb + layers.Dense(self.width, ("embed_in", "embed"), name="pool_proj", **kw)(pooled)
     for i in range(self.depth):
-      x = _GatedBlock(self.num_heads, self.mlp_ratio, self.qk_norm, name=f"block_{i}", **kw)(
-          x, mask, c)
+      x = _GatedBlock(self.num_heads, self.mlp_ratio, self.qk_norm, self.attention,
+                      name=f"block_{i}", **kw)(x, mask, c)
     return x, c
 
 
@@ -61,6 +62,7 @@ class _GatedBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
   qk_norm: bool
+  attention: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -70,7 +72,7 @@ class _GatedBlock(nn.Module):
     width = x.shape[-1]
     gate_attn, gate_mlp = layers.AdaLNModulation(2, width, name="gates", **kw)(c)
     # Bidirectional: every valid token attends to every valid token, no causal mask.
-    h = layers.Attention(self.num_heads, self.qk_norm, name="attn", **kw)(
+    h = layers.Attention(self.num_heads, self.qk_norm, self.attention, name="attn", **kw)(
         layers.layer_norm(x), kv_mask=mask)
     x = x + gate_attn[:, None, :] * h
     h = layers.MLP(int(width * self.mlp_ratio), name="mlp", **kw)(layers.layer_norm(x))
@@ -86,6 +88,7 @@ class CollaborativeRefiner(nn.Module):
   num_heads: int = 8
   mlp_ratio: float = 4.0
   qk_norm: bool = True
+  attention: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -103,7 +106,8 @@ class CollaborativeRefiner(nn.Module):
       width = x.shape[-1]
       (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m) = layers.AdaLNModulation(
           6, width, name=f"branch_{i}_adaln", **kw)(c)
-      h = layers.Attention(self.num_heads, self.qk_norm, name=f"branch_{i}_cross_attn", **kw)(
+      h = layers.Attention(self.num_heads, self.qk_norm, self.attention,
+                           name=f"branch_{i}_cross_attn", **kw)(
           layers.modulate(layers.layer_norm(x), shift_a, scale_a), kv_mask=others_mask,
           context=layers.layer_norm(others))
       x = x + gate_a[:, None, :] * h

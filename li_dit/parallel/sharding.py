@@ -60,15 +60,38 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn_sizes: Mapping[str, int] | None = None) -> Mesh:
+  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices).
+
+  Args:
+    sizes: each axis's size within a slice (ICI); one may be -1.
+    dcn_sizes: each axis's size across slices (DCN), multiplying `sizes`; one may be -1 (the
+      number of slices). All 1 (the default): one slice, `sizes` span every device. On TPU a
+      slice is `device.slice_index`; elsewhere each process stands for a slice.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(sizes, len(devices))
-  if devices[0].platform == "tpu":
-    # Physical order: neighbours on a mesh axis are neighbours on the ICI torus.
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  dcn_sizes = dict(dcn_sizes or {})
+  granule_attr = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+  granules = len({getattr(d, granule_attr) for d in devices})
+  on_tpu = devices[0].platform == "tpu"
+  if all(int(v) == 1 for v in dcn_sizes.values()):
+    if on_tpu and granules > 1:
+      raise ValueError(f"the devices span {granules} TPU slices; give the mesh across slices "
+                       "(config.dcn_mesh, e.g. data=-1)")
+    shape = mesh_shape(sizes, len(devices))
+    if on_tpu:
+      # Physical order: neighbours on a mesh axis are neighbours on the ICI torus.
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+      grid = np.asarray(devices).reshape(shape)
   else:
-    grid = np.asarray(devices).reshape(shape)
+    dcn_shape = mesh_shape(dcn_sizes, granules)
+    ici_shape = mesh_shape(sizes, len(devices) // granules)
+    # Slices (or processes) outermost on each axis: only the DCN part of an axis crosses them.
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=granule_attr == "process_index",
+        allow_split_physical_axes=True)
   # Auto axes: XLA propagates shardings from the annotated params, inputs and constraints.
   return Mesh(grid, MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
@@ -99,19 +122,24 @@ def divisible_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules) -> A
       ShapeDtypeStructs.
   """
   def fit(spec: PartitionSpec, shape: Any) -> NamedSharding:
-    mesh_spec = nn.logical_to_mesh_axes(spec, rules)
-    axes = []
-    for size, entry in zip(shape.shape, tuple(mesh_spec) + (None,) * len(shape.shape)):
-      names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-      kept, ways = [], 1
-      for name in names:
-        if size % (ways * mesh.shape[name]) == 0:
-          kept.append(name)
-          ways *= mesh.shape[name]
-      axes.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
-    return NamedSharding(mesh, PartitionSpec(*axes))
+    mesh_spec = tuple(nn.logical_to_mesh_axes(spec, rules)) + (None,) * len(shape.shape)
+    return NamedSharding(mesh, PartitionSpec(
+        *(dividing_axes(entry, size, mesh) for size, entry in zip(shape.shape, mesh_spec))))
   return jax.tree_util.tree_map(fit, logical_specs, shapes,
                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def dividing_axes(axes: str | tuple[str, ...] | None, size: int,
+                  mesh: Mesh | jax.sharding.AbstractMesh) -> str | tuple[str, ...] | None:
+  """The leading mesh axes of one PartitionSpec entry that evenly split an array axis of `size`
+  (a PartitionSpec entry again: None, one name or a tuple of names)."""
+  names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  kept, ways = [], 1
+  for name in names:
+    if size % (ways * mesh.shape[name]) == 0:
+      kept.append(name)
+      ways *= mesh.shape[name]
+  return tuple(kept) if len(kept) > 1 else (kept[0] if kept else None)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules) -> NamedSharding:

@@ -25,9 +25,12 @@ from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
 
 
-def build_encoders(text_config: ml_collections.ConfigDict) -> dict[str, encoders_lib.PromptEncoder]:
-  """One frozen PromptEncoder per configured LLM, in the order of their names."""
-  return {name: encoders_lib.PromptEncoder(name=name, **text_config.llms[name].to_dict())
+def build_encoders(text_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+                   rules: Any = None) -> dict[str, encoders_lib.PromptEncoder]:
+  """One frozen PromptEncoder per configured LLM, in the order of their names; with a mesh,
+  their weights are loaded straight into their shards (`PromptEncoder`)."""
+  return {name: encoders_lib.PromptEncoder(name=name, mesh=mesh, rules=rules,
+                                           **text_config.llms[name].to_dict())
           for name in sorted(text_config.llms)}
 
 

@@ -63,3 +63,37 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
   result, plan = _aot(tmp_path, "--config", "configs/demo.py:smoke", "--topology", "v5e:1x1")
   assert result.returncode != 0 and plan is None
   assert "--topology=v5e:1x1" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_slices_with_splash_attention_and_offloaded_remat(tmp_path):
+  # Two v5e:2x2 slices over DCN: data parallel across them, fsdp within each; the splash
+  # kernel compiled by Mosaic for TPU; the blocks' matmul outputs offloaded to host memory.
+  result, plan = _aot(tmp_path, "--config", "configs/demo.py:smoke", "--topology", "v5e:2x2",
+                      "--num_slices", "2", "--config.dcn_mesh.data=2", "--config.mesh.data=1",
+                      "--config.mesh.fsdp=4", "--config.model.attention=splash",
+                      "--config.model.remat=offload")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert plan["chips"] == 8 and plan["slices"] == 2 and plan["fits"]
+  assert plan["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert plan["attention"] == "splash" and plan["remat"] == "offload"
+  assert plan["host_temporaries_gib"] > 0  # what the offload keeps off HBM
+
+
+def test_multi_slice_mesh_keeps_each_slice_within_its_data_row():
+  # The hybrid mesh puts the DCN part of an axis outermost: data row i is slice i.
+  code = ("from jax.experimental import topologies; from li_dit.parallel import sharding\n"
+          "d = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu', "
+          "num_slices=2).devices\n"
+          "m = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), d, dict(data=2))\n"
+          "print('SLICES', [[x.slice_index for x in row.flat] for row in m.devices])\n"
+          "try:\n  sharding.make_mesh(dict(data=-1), d)\n"
+          "except ValueError as e:\n  print('ERROR', e)\n")
+  lockfile = "/tmp/libtpu_lockfile"
+  if os.path.exists(lockfile):
+    os.remove(lockfile)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "SLICES [[0, 0, 0, 0], [1, 1, 1, 1]]" in result.stdout
+  assert "ERROR the devices span 2 TPU slices" in result.stdout

@@ -21,6 +21,7 @@ import transformers
 from li_dit.io import gguf as gguf_io
 from li_dit.io import architectures, hf, packaged
 from li_dit.models import llm
+from li_dit.parallel import sharding
 from li_dit.text import prompts as prompts_lib
 
 Params = Any
@@ -94,22 +95,34 @@ class PromptEncoder:
   closed over) so they can run inside other jitted functions, e.g. the train step.
   """
 
-  def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any):
-    """Builds from a config mapping (e.g. an ml_collections.ConfigDict) and/or keyword fields."""
+  def __init__(self, config: Mapping[str, Any] | None = None, *,
+               mesh: jax.sharding.Mesh | None = None, rules: Any = None, **kwargs: Any):
+    """Builds from a config mapping (e.g. an ml_collections.ConfigDict) and/or keyword fields.
+
+    With a `mesh` (and logical-axis `rules`), each weight goes from the file straight to its
+    shards (li_dit.parallel.sharding.divisible_shardings of its axis names): no device ever
+    holds a whole 8B LLM. Without one, the weights go to the default device.
+    """
     self.spec = EncoderSpec(**{**dict(config.items() if config else ()), **kwargs})
     if self.spec.dtype not in _DTYPES:
       raise ValueError(f"Unknown LLM dtype {self.spec.dtype!r}; valid: {', '.join(_DTYPES)}.")
     self.name = self.spec.name
     self.path = packaged.resolve_llm_path(self.spec.path)
     dtype = _DTYPES[self.spec.dtype]
-    self.config, self.params, self.tokenizer = load_llm(self.path, self.spec.layer, dtype)
+    self.config = read_llm_config(self.path)
     if self.spec.hidden_size not in (None, self.config.hidden_size):
       raise ValueError(f"LLM {self.name!r} is configured with hidden_size={self.spec.hidden_size}"
                        f" but {self.path} has hidden_size={self.config.hidden_size}.")
-    self.layout = prompts_lib.build_layout(self.tokenizer, self.spec.template,
-                                           self.spec.max_tokens)
     self.module = llm.DecoderLLM(self.config, layer=self.spec.layer, dtype=dtype,
                                  param_dtype=dtype)
+    shardings = None
+    if mesh is not None:
+      abstract = self._abstract_params()
+      shardings = sharding.divisible_shardings(nn.get_partition_spec(abstract),
+                                               nn.unbox(abstract), mesh, rules)
+    _, self.params, self.tokenizer = load_llm(self.path, self.spec.layer, dtype, shardings)
+    self.layout = prompts_lib.build_layout(self.tokenizer, self.spec.template,
+                                           self.spec.max_tokens)
 
   @classmethod
   def planned(cls, config: Mapping[str, Any], prefix_len: int, suffix_len: int

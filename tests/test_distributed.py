@@ -1,5 +1,7 @@
 """Multi-process training: 2 processes x 2 CPU devices train like 1 process on 1 device, only
 process 0 writes the run's files, and their checkpoint resumes on 1 process with another mesh.
+Also: processes join only where JAX detects a cluster (or by flags), and a SIGTERM to one process
+stops all of them after the same step.
 
 Processes join through `--coordinator_address/--num_processes/--process_id` on 127.0.0.1, with
 gloo for the collectives between their CPU devices: the same code path as hosts of a TPU pod.
@@ -76,7 +78,7 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step():
   for p in procs:  # Past jax.distributed.initialize, which installs the SIGTERM handler.
     while (line := p.stdout.readline()) and line != "ready\n":
       pass
-  time.sleep(1)
+  time.sleep(1)  # Both are stepping.
   procs[1].send_signal(signal.SIGTERM)
   stopped = []
   for p in procs:
@@ -97,13 +99,14 @@ def reference(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> tuple[str, list[str]]:
-  """2 processes x 2 devices, mesh data=2 (across the processes) x fsdp=2 (within each), 5 steps.
+  """2 processes x 2 devices, 5 steps on mesh fsdp=2 (across the processes) x tensor=2 (within
+  each): each process holds half the batch and half of every parameter sharded over fsdp.
 
   Returns the workdir and each process's stdout.
   """
   workdir = str(tmp_path_factory.mktemp("two_processes"))
   flags = ["--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
-  command = smoke_runs.command(workdir, dict(data=2, fsdp=2, tensor=1),
+  command = smoke_runs.command(workdir, dict(data=1, fsdp=2, tensor=2),
                                f"--config.total_steps={STEPS}", *COMMON, *flags)
   procs = [subprocess.Popen(command + ["--process_id", str(i)], cwd=smoke_runs.REPO,
                             env=smoke_runs.environment(2), stdout=subprocess.PIPE,
@@ -151,8 +154,8 @@ def test_checkpoint_of_two_processes_resumes_on_one_process_with_another_mesh(
   # 1 process, mesh fsdp=2: the arrays saved over 2 processes are resharded on restore; the
   # data continues at global batch 5 (grain's state of 2 processes does not restore on 1).
   result = smoke_runs.train(workdir, 2, dict(data=1, fsdp=2, tensor=1),
-                            f"--config.total_steps={MORE}", *COMMON)
-  assert "the data restarts at global batch 5" in result.stderr
+                            f"--config.total_steps={MORE}", *COMMON, "--config.sample_every=0")
+  assert f"the data restarts at global batch {STEPS}" in result.stderr
   assert f"step {STEPS + 1}/{MORE}" in result.stdout and f"step {STEPS}/{MORE}" not in result.stdout
   smoke_runs.assert_losses_close(smoke_runs.losses(workdir), smoke_runs.losses(reference),
                                  "resumed on 1 process")

@@ -111,10 +111,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
 
-  mesh = sharding.make_mesh(config.mesh)
-  step_lib.check_batch_divides(config, mesh)  # Before any LLM is loaded or anything compiled.
-  # The frozen text side: LLMs, their instruction prefixes, and (cached mode) the feature table.
-  encoders = generate.build_encoders(config.text)
+  mesh = step_lib.make_mesh(config)
+  # Before any LLM is loaded or anything compiled.
+  rules = step_lib.check_batch_divides(config, mesh)
+  # The frozen text side: LLMs (loaded straight into their shards), their instruction prefixes,
+  # and (cached mode) the feature table.
+  encoders = generate.build_encoders(config.text, mesh, rules)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
   if config.text.encode == conditioning.CACHED:
     # Process 0 alone reads and writes the cache file (no two processes write it at once); the
@@ -123,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
                             cache_dir=os.path.join(workdir, "text_cache") if is_main else None)
   plan = step_lib.plan_step(config, mesh, conditioner)
   frozen = jax.device_put(conditioner.frozen(), plan.frozen_shardings)
-  model, rules = plan.model, plan.rules
+  model = plan.model
   size, channels = config.input.image_size, config.model.channels
 
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)

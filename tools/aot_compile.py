@@ -66,7 +66,10 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
         "config.text.encode: tools/aot_compile.py plans online encoding (cached features are "
         "for small runs); pass --config.text.encode=online")
   try:
+    # v4 and v5p chips have two TensorCores that run as one device (megacore), as on the pods.
+    chip_config = "megacore" if topology.split(":")[0] in ("v4", "v5p") else "default"
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                           chip_config_name=chip_config,
                                            num_slices=num_slices).devices
   except jax.errors.JaxRuntimeError as e:
     raise ValueError(f"--topology={topology}: {e}") from e

@@ -72,9 +72,10 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   """
   devices = list(jax.devices() if devices is None else devices)
   dcn_sizes = dict(dcn_sizes or {})
-  granule_attr = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
-  granules = len({getattr(d, granule_attr) for d in devices})
   on_tpu = devices[0].platform == "tpu"
+  # Single-slice TPU devices may lack slice_index (compile-only topologies do).
+  granule_attr = "slice_index" if on_tpu else "process_index"
+  granules = len({getattr(d, granule_attr, 0) for d in devices})
   if all(int(v) == 1 for v in dcn_sizes.values()):
     if on_tpu and granules > 1:
       raise ValueError(f"the devices span {granules} TPU slices; give the mesh across slices "

@@ -1,6 +1,6 @@
 """Runs of the real entry point, `python -m li_dit.train` on configs/demo.py:smoke, and what they
-leave in their workdirs. Each run is its own process (or processes), since the number of host
-devices is fixed when jax starts.
+leave in their workdirs; and test functions called on several host devices. Each run is its own
+process (or processes), since the number of host devices is fixed when jax starts.
 """
 import json
 import os
@@ -24,6 +24,17 @@ def command(workdir: str, mesh: dict[str, int], *overrides: str) -> list[str]:
 def environment(devices: int) -> dict[str, str]:
   """The environment of a process with `devices` CPU devices."""
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def call_with_devices(module: str, function: str, devices: int) -> str:
+  """Calls `<module>.<function>()` (a module of tests/) in a process with `devices` CPU devices;
+  returns its stdout."""
+  code = (f"import sys; sys.path.insert(0, 'tests'); import {module}; {module}.{function}()")
+  result = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=REPO, env=environment(devices), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
 
 
 def train(workdir: str, devices: int, mesh: dict[str, int], *overrides: str

@@ -3,18 +3,13 @@
 On CPU the kernel runs in Pallas interpret mode: the same kernel code (tiling, online softmax,
 segment-id masking, its own backward kernels), executed by XLA:CPU.
 """
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from li_dit.models import attention, li_dit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import smoke_runs
 
 
 def _inputs(batch, q_len, kv_len, heads, head_dim, valid_fraction, seed=0):
@@ -104,9 +99,4 @@ def _sharded_check() -> None:
 
 @pytest.mark.slow  # About 3 minutes: the interpreted kernel in every attention of the model.
 def test_splash_inside_shard_map_on_a_4_device_mesh_equals_xla():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  result = subprocess.run(
-      [sys.executable, "-c", "from tests import test_attention; test_attention._sharded_check()"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "SHARDED OK" in result.stdout
+  assert "SHARDED OK" in smoke_runs.call_with_devices("test_attention", "_sharded_check", 4)

@@ -1,10 +1,6 @@
 """A frozen LLM loaded onto a mesh goes from its file straight into its shards, and encodes
 exactly as the single-device one does (the real SmolLM2-135M-Instruct GGUF, 4 CPU devices)."""
-import os
-import subprocess
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import smoke_runs
 
 
 def _check() -> None:
@@ -37,10 +33,6 @@ def _check() -> None:
 
 
 def test_llm_loads_into_shards_and_encodes_like_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  result = subprocess.run(
-      [sys.executable, "-c", "from tests import test_sharded_llm; test_sharded_llm._check()"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "SHARDED LLM OK" in result.stdout, result.stdout
-  print(result.stdout)
+  stdout = smoke_runs.call_with_devices("test_sharded_llm", "_check", 4)
+  assert "SHARDED LLM OK" in stdout, stdout
+  print(stdout)

@@ -20,8 +20,11 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "pillow==13.0.0",
+    "pyarrow==26.0.1",  # Parquet tables in tools/build_dataset.py.
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
+    # Datasets built by tools/build_dataset.py are TFDS ArrayRecord datasets (no TensorFlow).
+    "tensorflow-datasets==4.9.10",
     "tokenizers==0.23.3",
     # transformers' GGUF reader, which builds the tokenizer of a GGUF LLM, imports torch. The
     # 2.13.0 pin is the CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.

@@ -36,11 +36,20 @@ def default_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.sample_every = 5000  # 0: no sample grids during training.
 
+  # source "tfds": a dataset built by tools/build_dataset.py, `tfds.data_source(tfds_name,
+  # data_dir=data_dir)[split]` (data_dir may be gs://).
   config.input = dict(
       source="shapes",
+      tfds_name="",
+      data_dir="",
+      split="train",
       data_seed=0,            # The data itself (for the shapes source: held-out split, scenes).
-      seed=0,                 # Shuffle order and caption dropout.
+      seed=0,                 # Shuffle order, caption choice and caption dropout.
       image_size=256,         # Side of the model's square input, in pixels (or latent pixels).
+      # Aspect-ratio buckets, ((height, width), ...) of about equal area: each image goes to the
+      # bucket of closest aspect ratio, every batch holds one bucket. Empty: image_size square.
+      buckets=(),
+      min_size=1,             # Images with a shorter side are skipped (and counted).
       batch_size=256,         # Global, over all hosts and devices.
       caption_dropout=0.1,    # Trains the "" (null) condition for classifier-free guidance.
       num_workers=2,          # Data worker processes (0: in the training process).
@@ -138,6 +147,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   size = config.input.image_size
   _require(size % m.patch_size == 0, "input.image_size",
            f"{size} is not divisible by model.patch_size={m.patch_size}")
+  for bucket in config.input.buckets:
+    _require(len(bucket) == 2 and all(int(v) >= 1 and int(v) % m.patch_size == 0
+                                      for v in bucket), "input.buckets",
+             f"{bucket} is not a (height, width) pair divisible by model.patch_size="
+             f"{m.patch_size}")
+  _require(config.input.source != "tfds" or (config.input.tfds_name and config.input.data_dir),
+           "input.tfds_name", "source 'tfds' needs input.tfds_name and input.data_dir")
   _require(config.input.batch_size >= 1, "input.batch_size", "must be >= 1")
   _require(0.0 <= config.input.caption_dropout < 1.0, "input.caption_dropout",
            f"must be in [0, 1), got {config.input.caption_dropout}")

@@ -12,6 +12,7 @@ from clu import metrics as clu_metrics
 
 # Metrics that are counts within a step: summed over a logging interval, not averaged.
 SUMMED = ("truncated_captions",)
+SUMMED_PREFIXES = ("skipped/",)  # Records skipped by the pipeline, per reason.
 
 
 def average(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -23,7 +24,7 @@ def average(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   out = {}
   for key in host[0]:
     values = np.asarray([m[key] for m in host], np.float64)
-    if key in SUMMED:
+    if key in SUMMED or key.startswith(SUMMED_PREFIXES):
       out[key] = float(values.sum())
     else:
       out[key] = float(clu_metrics.Average.from_model_output(values).compute())
@@ -91,6 +92,8 @@ class Progress:
   def line(self, step: int, m: Mapping[str, float]) -> str:
     eta = int(m["eta_seconds"])
     extra = f" | truncated {int(m['truncated_captions'])}" if m.get("truncated_captions") else ""
+    if m.get("skipped_total"):
+      extra += f" | skipped {int(m['skipped_total'])} bad records"
     return (f"step {step}/{self.total_steps} | loss {m['loss']:.4f} | grad_norm "
             f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['steps_per_sec']:.2f} steps/s | "
             f"{m['examples_per_sec']:.1f} ex/s | MFU {100 * m['mfu']:.1f}% | ETA {eta // 3600}h{eta % 3600 // 60:02d}m"

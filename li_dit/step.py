@@ -16,6 +16,7 @@ from li_dit import config_lib
 from li_dit import flops as flops_lib
 from li_dit import generate
 from li_dit import optim
+from li_dit.data import records
 from li_dit.diffusion import flow
 from li_dit.models import li_dit
 from li_dit.parallel import sharding
@@ -57,6 +58,9 @@ def make_train_step(model, conditioner: conditioning.TextConditioner, tx, schedu
         opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": _global_norm(grads), "lr": schedule(state.step),
                "truncated_captions": jnp.sum(batch["truncated"])}
+    # Records the pipeline could not decode (replaced in the batch), by reason.
+    skipped = jnp.sum(batch["skipped"], axis=0)
+    metrics.update({f"skipped/{reason}": skipped[i] for i, reason in enumerate(records.REASONS)})
     return new_state, metrics
 
   return train_step
@@ -172,3 +176,13 @@ def example_text_batch(conditioner: conditioning.TextConditioner, batch_size: in
       out[f"mask/{name}"] = np.ones((batch_size, enc.layout.length), bool)
     return out
   return {"caption_id": np.zeros((batch_size,), np.int32)}
+
+
+def example_batch(config: ml_collections.ConfigDict, conditioner: conditioning.TextConditioner
+                  ) -> dict[str, np.ndarray]:
+  """A global data batch of `config` as the pipeline makes it, zeros (square image_size)."""
+  size, batch = config.input.image_size, config.input.batch_size
+  return {"image": np.zeros((batch, size, size, config.model.channels), np.uint8),
+          "truncated": np.zeros((batch,), np.int32),
+          "skipped": np.zeros((batch, len(records.REASONS)), np.int32),
+          **example_text_batch(conditioner, batch)}

@@ -186,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     if is_main:
       generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
 
-  pending = []
+  pending, skipped_total = [], 0
   for step in range(start + 1, config.total_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = sharding.host_to_global(next(data_iter), mesh, rules)
@@ -197,6 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     if step % config.log_every == 0 or last:
       summary = metrics_lib.average(pending)
       summary.update(progress.update(step))
+      skipped_total += sum(v for k, v in summary.items() if k.startswith("skipped/"))
+      summary["skipped_total"] = skipped_total  # Since this process started.
       pending = []
       writer.write(step, summary)
       if is_main:

@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -84,10 +83,7 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
   state = _with_shardings(jax.eval_shape(step.init_state, jax.random.key(0)),
                           step.state_shardings)
   frozen = _with_shardings(conditioner.frozen(), step.frozen_shardings)
-  size, channels, batch = config.input.image_size, config.model.channels, config.input.batch_size
-  local = {"image": np.zeros((batch, size, size, channels), np.uint8),
-           "truncated": np.zeros((batch,), np.int32),
-           **step_lib.example_text_batch(conditioner, batch)}
+  local = step_lib.example_batch(config, conditioner)
   batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                          sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
                  for k, v in local.items()}
@@ -97,7 +93,7 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
       "remat": config.model.remat, "attention": config.model.attention,
       "dtype": config.model.dtype,
-      "global_batch": batch, "image_size": size,
+      "global_batch": config.input.batch_size, "image_size": config.input.image_size,
       "llms": {n: os.path.basename(os.path.normpath(e.path)) for n, e in encoders.items()},
       "hbm_per_chip_gib": chip.hbm_bytes / _GIB,
       "tflops_per_step": {k: v / 1e12 for k, v in step_flops.items()},

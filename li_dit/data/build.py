@@ -1,0 +1,139 @@
+"""Builds a TFDS ArrayRecord dataset of image-caption records from folders, tables or tars.
+
+The inputs are split into work units in a fixed order (li_dit.data.records.list_units); unit i
+becomes shard i, written by one of `workers` processes. A shard is written under a temporary
+name and renamed, and its counts land in `<shard>.counts.json` last: a rerun after an
+interruption skips the shards that have their counts and redoes the rest, so the result is the
+same as one uninterrupted run. `summary.json` holds the totals: records written, records skipped
+by reason, captions truncated.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from li_dit.data import images
+from li_dit.data import records
+
+SPLIT = "train"
+
+
+def dataset_dir(out: str, name: str, version: str) -> epath.Path:
+  """Where TFDS expects the files: <out>/<name>/<version>."""
+  return epath.Path(out) / name / version
+
+
+def shard_path(directory: epath.Path, name: str, index: int, num_shards: int) -> epath.Path:
+  """TFDS's file name of shard `index`."""
+  return directory / f"{name}-{SPLIT}.array_record-{index:05d}-of-{num_shards:05d}"
+
+
+def _write_shard(args: tuple[int, tuple[str, Any], str, dict[str, Any]]) -> dict[str, Any]:
+  """Worker: validates unit's items, writes its shard, returns (and saves) its counts."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  index, unit, path, limits = args
+  path = epath.Path(path)
+  counts_path = epath.Path(f"{path}.counts.json")
+  if counts_path.exists():  # Done by an earlier, interrupted run.
+    return json.loads(counts_path.read_text())
+  serializer = records.features()
+  counts = {"written": 0, "skipped": collections.Counter(), "captions_truncated": 0,
+            "num_bytes": 0, "sizes": []}
+  # ArrayRecord writes local files: write here, then copy (gs:// outputs) or rename.
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "shard")
+    writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
+    for item in records.iter_items(unit):
+      try:
+        example, truncated = records.make_example(item, **limits)
+      except images.BadInput as e:
+        counts["skipped"][e.reason] += 1
+        logging.info("skipped %s: %s", item.key, e)
+        continue
+      data = serializer.serialize_example(example)
+      writer.write(data)
+      counts["sizes"].append([example["width"], example["height"]])
+      counts["written"] += 1
+      counts["num_bytes"] += len(data)
+      counts["captions_truncated"] += truncated
+    writer.close()
+    tmp_path = epath.Path(f"{path}.tmp")
+    epath.Path(local).copy(tmp_path, overwrite=True)
+    tmp_path.rename(path)
+  counts["skipped"] = dict(counts["skipped"])
+  tmp_counts = epath.Path(f"{counts_path}.tmp")
+  tmp_counts.write_text(json.dumps(counts))
+  tmp_counts.rename(counts_path)
+  return counts
+
+
+def build(inputs: Sequence[str], out: str, name: str, version: str = "1.0.0",
+          examples_per_shard: int = 1000, workers: int = 0, min_size: int = 1,
+          max_pixels: int = images.DEFAULT_MAX_PIXELS,
+          max_caption_chars: int = records.DEFAULT_MAX_CAPTION_CHARS) -> dict[str, Any]:
+  """Builds (or finishes building) the dataset; returns the summary also written to summary.json.
+
+  Args:
+    inputs: folders, tables (.jsonl/.csv/.parquet) and WebDataset .tar shards.
+    out: the TFDS data_dir (`tfds.data_source(name, data_dir=out)` opens the result).
+    name, version: the TFDS dataset name and version.
+    examples_per_shard: input examples per shard for folders and tables (one shard per tar).
+    workers: processes (0: all cores).
+    min_size: images with a side shorter than this are skipped.
+    max_pixels: larger images are skipped as decompression bombs.
+    max_caption_chars: longer captions are cut at a word boundary (and counted).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not name.isidentifier() or name.lower() != name:
+    raise ValueError(f"--name {name!r}: a TFDS name is a lower-case Python identifier")
+  start = time.time()
+  units = records.list_units(inputs, examples_per_shard)
+  if not units:
+    raise ValueError(f"no images found in {list(inputs)}")
+  directory = dataset_dir(out, name, version)
+  directory.mkdir(parents=True, exist_ok=True)
+  limits = dict(min_size=min_size, max_pixels=max_pixels, max_caption_chars=max_caption_chars)
+  tasks = [(i, unit, str(shard_path(directory, name, i, len(units))), limits)
+           for i, unit in enumerate(units)]
+  workers = workers or os.cpu_count() or 1
+  if workers == 1:
+    results = [_write_shard(t) for t in tasks]
+  else:
+    # spawn: the parent may hold JAX/TFDS state that must not be forked.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+      results = pool.map(_write_shard, tasks, chunksize=1)
+
+  skipped = collections.Counter()
+  for r in results:
+    skipped.update(r["skipped"])
+  shard_lengths = [r["written"] for r in results]
+  split = tfds.core.SplitInfo(
+      name=SPLIT, shard_lengths=shard_lengths, num_bytes=sum(r["num_bytes"] for r in results),
+      filename_template=tfds.core.ShardedFileTemplate(
+          data_dir=directory, dataset_name=name, split=SPLIT, filetype_suffix="array_record"))
+  tfds.folder_dataset.write_metadata(
+      data_dir=directory, features=records.features(), split_infos=[split], version=version,
+      check_data=False, description=f"Image-caption records built from {list(inputs)}.")
+  summary = {
+      "name": name, "version": version, "data_dir": str(out), "inputs": list(inputs),
+      "written": sum(shard_lengths), "skipped": dict(sorted(skipped.items())),
+      "skipped_total": sum(skipped.values()),
+      "captions_truncated": sum(r["captions_truncated"] for r in results),
+      "num_shards": len(units), "seconds": round(time.time() - start, 2),
+      "limits": limits,
+  }
+  # (width, height) of every record in the dataset's order, for aspect-ratio bucketing.
+  sizes = np.asarray([wh for r in results for wh in r["sizes"]], np.int32).reshape(-1, 2)
+  with (directory / "sizes.npy").open("wb") as f:
+    np.save(f, sizes)
+  (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary

@@ -128,3 +128,20 @@ def write_folder(root: str) -> dict:
   cut = LONG_CAPTION[:MAX_CAPTION_CHARS + 1].rsplit(" ", 1)[0].strip()
   expected_good["long_caption"] = ([cut], (48, 32))
   return {"good": expected_good, "skipped": skipped}
+
+
+def write_aspect_folder(folder: str, num: int) -> dict[str, tuple[int, int]]:
+  """`num` JPEG/PNG images of three aspect ratios (2:1, 1:1, 1:2), two captions each.
+
+  Returns caption -> (width, height) of its image.
+  """
+  os.makedirs(folder, exist_ok=True)
+  sizes = {}
+  for i in range(num):
+    w, h = ((80, 40), (50, 50), (40, 80))[i % 3]
+    name = f"img{i:03d}." + ("jpg" if i % 2 else "png")
+    Image.fromarray(_pattern(w, h, i)).save(os.path.join(folder, name))
+    with open(os.path.join(folder, f"img{i:03d}.txt"), "w") as f:
+      f.write(f"picture {i}\nanother caption of picture {i}\n")
+    sizes[f"picture {i}"] = sizes[f"another caption of picture {i}"] = (w, h)
+  return sizes

@@ -1,13 +1,21 @@
 """The grain pipeline: deterministic batches, exact resume with worker processes, host shards
 of the same global batches, starting at a batch, caption dropout."""
+import io
+import os
+
 import numpy as np
 import ml_collections
 import pytest
+from PIL import Image
 
 from li_dit import config_lib
+from li_dit.data import build
 from li_dit.data import pipeline
+from li_dit.data import records
 from li_dit.data import shapes
 from li_dit.text import conditioning
+
+import image_fixtures as fx
 
 
 def _input_config(**overrides) -> ml_collections.ConfigDict:
@@ -93,3 +101,82 @@ def test_caption_dropout_gives_the_null_prompt():
   assert not np.any(none["caption_id"] == null_id)
   with pytest.raises(KeyError, match="not in the cached feature table"):
     ids("a caption nobody cached")
+
+
+# -- datasets built by tools/build_dataset.py ------------------------------------------------------
+
+_BUCKETS = ((32, 64), (48, 48), (64, 32))  # (height, width): wide, square, tall.
+
+
+def _bucketed_dataset(root) -> tuple[str, list[str], dict[str, tuple[int, int]]]:
+  """42 images of three aspect ratios built into the TFDS dataset "mixed"."""
+  folder = os.path.join(root, "in")
+  sizes = fx.write_aspect_folder(folder, 42)
+  build.build([folder], os.path.join(root, "data"), "mixed", examples_per_shard=10, workers=1)
+  return os.path.join(root, "data"), sorted(sizes), sizes
+
+
+def _tfds_config(data_dir, **overrides):
+  return _input_config(**{**dict(source="tfds", tfds_name="mixed", data_dir=data_dir,
+                                 buckets=_BUCKETS, batch_size=4, caption_dropout=0.0),
+                          **overrides})
+
+
+def test_buckets_one_shape_per_batch_and_exact_resume_with_two_workers(tmp_path):
+  data_dir, captions, sizes = _bucketed_dataset(str(tmp_path))
+  transform = conditioning.CaptionIds(captions)
+  config = _tfds_config(data_dir, num_workers=2)
+  it = iter(pipeline.make_train_dataset(config, transform))
+  seen = _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 9)  # Past the end of the first epoch (42 // 4 = 10 batches).
+  for batch in seen + expected:
+    height, width = batch["image"].shape[1:3]
+    assert (height, width) in _BUCKETS
+    for cid in batch["caption_id"]:
+      w, h = sizes[captions[cid]]
+      assert (w > h, w == h, w < h) == (width > height, width == height, width < height)
+    assert batch["skipped"].sum() == 0
+  # Both captions of the records are used.
+  used = {captions[c] for b in seen + expected for c in b["caption_id"]}
+  assert any(c.startswith("another") for c in used) and any(c.startswith("picture") for c in used)
+  resumed = iter(pipeline.make_train_dataset(config, transform))
+  resumed.set_state(state)
+  for a, b in zip(expected, _take(resumed, 9)):
+    _assert_same(a, b)
+  # Worker processes change nothing.
+  in_process = _take(iter(pipeline.make_train_dataset(_tfds_config(data_dir), transform)), 12)
+  for a, b in zip(seen + expected, in_process):
+    _assert_same(a, b)
+
+
+def test_undecodable_record_is_replaced_and_counted(tmp_path):
+  from array_record.python import array_record_module
+  directory = tmp_path / "broken" / "1.0.0"
+  directory.mkdir(parents=True)
+  # Records that passed the tool but rotted on disk: one image cut in half.
+  spec = records.features()
+  good = []
+  for i in range(8):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(buf, "JPEG")
+    good.append(buf.getvalue())
+  good[5] = good[5][:len(good[5]) // 2]
+  path = directory / "broken-train.array_record-00000-of-00001"
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  for i, data in enumerate(good):
+    writer.write(spec.serialize_example({"image": data, "width": 40, "height": 40,
+                                         "captions": [f"grey {i}"], "key": str(i)}))
+  writer.close()
+  build.write_metadata(build.dataset_dir(str(tmp_path), "broken", "1.0.0"), "broken", "1.0.0",
+                       [len(good)], sum(map(len, good)), [(40, 40)] * len(good))
+  captions = [f"grey {i}" for i in range(8)]
+  config = _input_config(source="tfds", tfds_name="broken", data_dir=str(tmp_path),
+                         batch_size=4, caption_dropout=0.0)
+  batches = _take(iter(pipeline.make_train_dataset(config, conditioning.CaptionIds(captions))), 2)
+  skipped = sum(b["skipped"] for b in batches).sum(axis=0)
+  assert skipped[pipeline.REASONS.index("unreadable_image")] == 1 and skipped.sum() == 1
+  ids = [int(c) for b in batches for c in b["caption_id"]]
+  assert 5 not in ids and len(ids) == 8  # Full batches: its row holds another record.
+  for b in batches:
+    assert b["image"].shape == (4, 32, 32, 3)

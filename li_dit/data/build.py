@@ -76,6 +76,25 @@ def _write_shard(args: tuple[int, tuple[str, Any], str, dict[str, Any]]) -> dict
   return counts
 
 
+def write_metadata(directory: epath.Path, name: str, version: str, shard_lengths: list[int],
+                   num_bytes: int, sizes: np.ndarray, description: str = "") -> None:
+  """TFDS's dataset_info.json and features.json for the shards, and sizes.npy.
+
+  sizes: int32 [N,2] (width, height) of every record in the dataset's order (shard by shard),
+  which aspect-ratio bucketing reads instead of the images.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  split = tfds.core.SplitInfo(
+      name=SPLIT, shard_lengths=shard_lengths, num_bytes=num_bytes,
+      filename_template=tfds.core.ShardedFileTemplate(
+          data_dir=directory, dataset_name=name, split=SPLIT, filetype_suffix="array_record"))
+  tfds.folder_dataset.write_metadata(
+      data_dir=directory, features=records.features(), split_infos=[split], version=version,
+      check_data=False, description=description)
+  with (directory / "sizes.npy").open("wb") as f:
+    np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
+
+
 def build(inputs: Sequence[str], out: str, name: str, version: str = "1.0.0",
           examples_per_shard: int = 1000, workers: int = 0, min_size: int = 1,
           max_pixels: int = images.DEFAULT_MAX_PIXELS,
@@ -92,7 +111,6 @@ def build(inputs: Sequence[str], out: str, name: str, version: str = "1.0.0",
     max_pixels: larger images are skipped as decompression bombs.
     max_caption_chars: longer captions are cut at a word boundary (and counted).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not name.isidentifier() or name.lower() != name:
     raise ValueError(f"--name {name!r}: a TFDS name is a lower-case Python identifier")
   start = time.time()
@@ -116,13 +134,9 @@ def build(inputs: Sequence[str], out: str, name: str, version: str = "1.0.0",
   for r in results:
     skipped.update(r["skipped"])
   shard_lengths = [r["written"] for r in results]
-  split = tfds.core.SplitInfo(
-      name=SPLIT, shard_lengths=shard_lengths, num_bytes=sum(r["num_bytes"] for r in results),
-      filename_template=tfds.core.ShardedFileTemplate(
-          data_dir=directory, dataset_name=name, split=SPLIT, filetype_suffix="array_record"))
-  tfds.folder_dataset.write_metadata(
-      data_dir=directory, features=records.features(), split_infos=[split], version=version,
-      check_data=False, description=f"Image-caption records built from {list(inputs)}.")
+  sizes = np.asarray([wh for r in results for wh in r["sizes"]], np.int32).reshape(-1, 2)
+  write_metadata(directory, name, version, shard_lengths, sum(r["num_bytes"] for r in results),
+                 sizes, f"Image-caption records built from {list(inputs)}.")
   summary = {
       "name": name, "version": version, "data_dir": str(out), "inputs": list(inputs),
       "written": sum(shard_lengths), "skipped": dict(sorted(skipped.items())),
@@ -131,9 +145,5 @@ def build(inputs: Sequence[str], out: str, name: str, version: str = "1.0.0",
       "num_shards": len(units), "seconds": round(time.time() - start, 2),
       "limits": limits,
   }
-  # (width, height) of every record in the dataset's order, for aspect-ratio bucketing.
-  sizes = np.asarray([wh for r in results for wh in r["sizes"]], np.int32).reshape(-1, 2)
-  with (directory / "sizes.npy").open("wb") as f:
-    np.save(f, sizes)
   (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary

@@ -1,0 +1,77 @@
+"""The smoke config trains from datasets that tools/build_dataset.py built: the shapes source
+written to disk, and the Noto emoji named by Unicode (Debian fonts-noto-color-emoji and
+unicode-data), with aspect-ratio buckets and cached or online text features."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import image_fixtures as fx
+import smoke_runs
+
+TOOLS = os.path.join(smoke_runs.REPO, "tools")
+
+
+def _tool(name, *args):
+  result = subprocess.run([sys.executable, os.path.join(TOOLS, name), *args],
+                          cwd=smoke_runs.REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def _build(tmp_path, source, name, *args):
+  folder, data = str(tmp_path / f"{name}_in"), str(tmp_path / "data")
+  _tool("make_image_folder.py", "--source", source, "--out", folder, *args)
+  summary = json.loads(_tool("build_dataset.py", "--input", folder, "--out", data,
+                             "--name", name, "--workers", "2"))
+  return data, summary
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
+  data, summary = _build(tmp_path, "shapes", "shapes_disk", "--num", "96")
+  assert summary["written"] == 96 and summary["skipped_total"] == 0
+  workdir = str(tmp_path / "run")
+  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
+                   "--config.input.tfds_name=shapes_disk", f"--config.input.data_dir={data}",
+                   "--config.text.encode=cached")
+  metrics = _metrics(workdir)
+  assert [m["step"] for m in metrics] == list(range(1, 13))
+  assert all(np.isfinite(m["loss"]) for m in metrics)
+  assert all(m["skipped/unreadable_image"] == 0 and m["skipped_total"] == 0 for m in metrics)
+  assert os.path.exists(os.path.join(workdir, "samples", "step_12.png"))
+
+
+def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):
+  fx.write_aspect_folder(str(tmp_path / "in"), 30)
+  data = str(tmp_path / "data")
+  _tool("build_dataset.py", "--input", str(tmp_path / "in"), "--out", data, "--name", "mixed")
+  workdir = str(tmp_path / "run")
+  # Wide, square and tall batches: the train step compiles once per bucket shape.
+  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds", "--config.input.tfds_name=mixed",
+                   f"--config.input.data_dir={data}",
+                   "--config.input.buckets=((16, 32), (24, 24), (32, 16))",
+                   "--config.input.batch_size=4")
+  metrics = _metrics(workdir)
+  assert metrics[-1]["step"] == 12 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
+@pytest.mark.slow
+def test_smoke_trains_on_the_noto_emoji_with_buckets(tmp_path):
+  data, summary = _build(tmp_path, "emoji", "noto_emoji", "--image_size", "32")
+  assert summary["written"] == 3655 and summary["skipped_total"] == 0
+  workdir = str(tmp_path / "run")
+  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
+                   "--config.input.tfds_name=noto_emoji", f"--config.input.data_dir={data}",
+                   "--config.input.buckets=((32, 32),)", "--config.input.num_workers=2",
+                   "--config.sample.prompts=('grinning face', 'red heart')")
+  metrics = _metrics(workdir)
+  assert metrics[-1]["step"] == 12 and all(np.isfinite(m["loss"]) for m in metrics)
+  assert os.path.exists(os.path.join(workdir, "samples", "step_12.png"))

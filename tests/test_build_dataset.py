@@ -189,3 +189,15 @@ def test_cli_writes_summary_and_names_a_bad_input(tmp_path):
   run = subprocess.run([sys.executable, tool, "--input", missing, "--out", str(tmp_path / "o"),
                         "--name", "cli"], capture_output=True, text=True)
   assert run.returncode != 0 and missing in run.stderr
+
+
+def test_bench_data_runs_at_a_tiny_size(tmp_path):
+  out = tmp_path / "bench.json"
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_data.py"),
+                        "--num", "16", "--batch", "4", "--batches", "2", "--warmup", "1",
+                        "--workers", "0,1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["images"] == 16 and [r["workers"] for r in result["pipeline"]] == [0, 1]
+  assert result["raw_samples_per_sec"] > 0 and "raw Pillow loop" in run.stdout

@@ -30,48 +30,39 @@ def _build(tmp_path, source, name, *args):
   return data, summary
 
 
-def _metrics(workdir):
+def _train_on(tmp_path, name, data_dir, *overrides):
+  """The smoke config on a built dataset; checks the run and returns its metrics."""
+  workdir = str(tmp_path / "run")
+  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
+                   f"--config.input.tfds_name={name}", f"--config.input.data_dir={data_dir}",
+                   *overrides)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    metrics = [json.loads(line) for line in f]
+  assert [m["step"] for m in metrics] == list(range(1, 13))
+  assert all(np.isfinite(m["loss"]) for m in metrics)
+  assert os.path.exists(os.path.join(workdir, "samples", "step_12.png"))
+  return metrics
 
 
 def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
   data, summary = _build(tmp_path, "shapes", "shapes_disk", "--num", "96")
   assert summary["written"] == 96 and summary["skipped_total"] == 0
-  workdir = str(tmp_path / "run")
-  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
-                   "--config.input.tfds_name=shapes_disk", f"--config.input.data_dir={data}",
-                   "--config.text.encode=cached")
-  metrics = _metrics(workdir)
-  assert [m["step"] for m in metrics] == list(range(1, 13))
-  assert all(np.isfinite(m["loss"]) for m in metrics)
+  metrics = _train_on(tmp_path, "shapes_disk", data, "--config.text.encode=cached")
   assert all(m["skipped/unreadable_image"] == 0 and m["skipped_total"] == 0 for m in metrics)
-  assert os.path.exists(os.path.join(workdir, "samples", "step_12.png"))
 
 
 def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):
   fx.write_aspect_folder(str(tmp_path / "in"), 30)
   data = str(tmp_path / "data")
   _tool("build_dataset.py", "--input", str(tmp_path / "in"), "--out", data, "--name", "mixed")
-  workdir = str(tmp_path / "run")
   # Wide, square and tall batches: the train step compiles once per bucket shape.
-  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds", "--config.input.tfds_name=mixed",
-                   f"--config.input.data_dir={data}",
-                   "--config.input.buckets=((16, 32), (24, 24), (32, 16))",
-                   "--config.input.batch_size=4")
-  metrics = _metrics(workdir)
-  assert metrics[-1]["step"] == 12 and all(np.isfinite(m["loss"]) for m in metrics)
+  _train_on(tmp_path, "mixed", data, "--config.input.buckets=((16, 32), (24, 24), (32, 16))",
+            "--config.input.batch_size=4")
 
 
 @pytest.mark.slow
-def test_smoke_trains_on_the_noto_emoji_with_buckets(tmp_path):
+def test_smoke_trains_on_the_noto_emoji(tmp_path):
   data, summary = _build(tmp_path, "emoji", "noto_emoji", "--image_size", "32")
   assert summary["written"] == 3655 and summary["skipped_total"] == 0
-  workdir = str(tmp_path / "run")
-  smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
-                   "--config.input.tfds_name=noto_emoji", f"--config.input.data_dir={data}",
-                   "--config.input.buckets=((32, 32),)", "--config.input.num_workers=2",
-                   "--config.sample.prompts=('grinning face', 'red heart')")
-  metrics = _metrics(workdir)
-  assert metrics[-1]["step"] == 12 and all(np.isfinite(m["loss"]) for m in metrics)
-  assert os.path.exists(os.path.join(workdir, "samples", "step_12.png"))
+  _train_on(tmp_path, "noto_emoji", data, "--config.input.num_workers=2",
+            "--config.sample.prompts=('grinning face', 'red heart')")

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from li_dit.data import emoji
+
 import image_fixtures as fx
 import smoke_runs
 
@@ -61,6 +63,8 @@ def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (os.path.exists(emoji.FONT) and os.path.exists(emoji.EMOJI_TEST)),
+                    reason="needs Debian's fonts-noto-color-emoji and unicode-data")
 def test_smoke_trains_on_the_noto_emoji(tmp_path):
   data, summary = _build(tmp_path, "emoji", "noto_emoji", "--image_size", "32")
   assert summary["written"] == 3655 and summary["skipped_total"] == 0

@@ -145,3 +145,26 @@ def write_aspect_folder(folder: str, num: int) -> dict[str, tuple[int, int]]:
       f.write(f"picture {i}\nanother caption of picture {i}\n")
     sizes[f"picture {i}"] = sizes[f"another caption of picture {i}"] = (w, h)
   return sizes
+
+
+def write_rotted_dataset(data_dir: str, name: str, num: int, rotten: int) -> list[str]:
+  """A TFDS dataset of `num` grey 40x40 JPEGs captioned "grey <i>", as build_dataset writes it,
+  whose record `rotten` was cut in half afterwards (a file that rotted on disk). Returns the
+  captions."""
+  from array_record.python import array_record_module
+  from li_dit.data import build, records
+  directory = build.dataset_dir(data_dir, name, "1.0.0")
+  directory.mkdir(parents=True)
+  encoded = [_encode(Image.fromarray(np.full((40, 40, 3), 30 * i % 256, np.uint8)), "JPEG")
+             for i in range(num)]
+  encoded[rotten] = encoded[rotten][:len(encoded[rotten]) // 2]
+  spec = records.features()
+  writer = array_record_module.ArrayRecordWriter(
+      str(build.shard_path(directory, name, 0, 1)), "group_size:1")
+  for i, data in enumerate(encoded):
+    writer.write(spec.serialize_example({"image": data, "width": 40, "height": 40,
+                                         "captions": [f"grey {i}"], "key": str(i)}))
+  writer.close()
+  build.write_metadata(directory, name, "1.0.0", [num], sum(map(len, encoded)),
+                       [(40, 40)] * num)
+  return [f"grey {i}" for i in range(num)]

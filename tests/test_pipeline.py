@@ -1,17 +1,14 @@
 """The grain pipeline: deterministic batches, exact resume with worker processes, host shards
 of the same global batches, starting at a batch, caption dropout."""
-import io
 import os
 
 import numpy as np
 import ml_collections
 import pytest
-from PIL import Image
 
 from li_dit import config_lib
 from li_dit.data import build
 from li_dit.data import pipeline
-from li_dit.data import records
 from li_dit.data import shapes
 from li_dit.text import conditioning
 
@@ -151,25 +148,7 @@ def test_buckets_one_shape_per_batch_and_exact_resume_with_two_workers(tmp_path)
 
 
 def test_undecodable_record_is_replaced_and_counted(tmp_path):
-  from array_record.python import array_record_module
-  directory = tmp_path / "broken" / "1.0.0"
-  directory.mkdir(parents=True)
-  # Records that passed the tool but rotted on disk: one image cut in half.
-  spec = records.features()
-  good = []
-  for i in range(8):
-    buf = io.BytesIO()
-    Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(buf, "JPEG")
-    good.append(buf.getvalue())
-  good[5] = good[5][:len(good[5]) // 2]
-  path = directory / "broken-train.array_record-00000-of-00001"
-  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-  for i, data in enumerate(good):
-    writer.write(spec.serialize_example({"image": data, "width": 40, "height": 40,
-                                         "captions": [f"grey {i}"], "key": str(i)}))
-  writer.close()
-  build.write_metadata(build.dataset_dir(str(tmp_path), "broken", "1.0.0"), "broken", "1.0.0",
-                       [len(good)], sum(map(len, good)), [(40, 40)] * len(good))
+  fx.write_rotted_dataset(str(tmp_path), "broken", num=8, rotten=5)
   captions = [f"grey {i}" for i in range(8)]
   config = _input_config(source="tfds", tfds_name="broken", data_dir=str(tmp_path),
                          batch_size=4, caption_dropout=0.0)

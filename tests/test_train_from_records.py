@@ -53,6 +53,20 @@ def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
   assert all(m["skipped/unreadable_image"] == 0 and m["skipped_total"] == 0 for m in metrics)
 
 
+def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line(tmp_path):
+  data = str(tmp_path / "data")
+  fx.write_rotted_dataset(data, "rotted", num=16, rotten=3)
+  workdir = str(tmp_path / "run")
+  result = smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
+                            "--config.input.tfds_name=rotted", f"--config.input.data_dir={data}")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    metrics = [json.loads(line) for line in f]
+  # 12 steps of 8 records over 16 records: 6 epochs, the rotten record once in each.
+  assert sum(m["skipped/unreadable_image"] for m in metrics) == 6
+  assert metrics[-1]["skipped_total"] == 6 and metrics[-1]["step"] == 12
+  assert "skipped 6 bad records" in result.stdout
+
+
 def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):
   fx.write_aspect_folder(str(tmp_path / "in"), 30)
   data = str(tmp_path / "data")

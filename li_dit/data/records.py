@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import tarfile
@@ -238,8 +239,10 @@ def _json_captions(obj: Any) -> list[str] | None:
   return None
 
 
+@functools.lru_cache(maxsize=2)
 def read_table(path: str) -> list[dict[str, Any]]:
-  """The rows of a JSONL, CSV or Parquet table as dicts."""
+  """The rows of a JSONL, CSV or Parquet table as dicts (read once per process: every work unit
+  of a table reads its rows from the same copy)."""
   p = epath.Path(path)
   suffix = p.suffix.lower()
   if suffix == ".jsonl":

@@ -33,7 +33,6 @@ def test_decode_gives_rgb_of_the_displayed_size(name):
   data, (width, height) = fx.good_images()[name]
   rgb = images.decode_rgb(data)
   assert rgb.dtype == np.uint8 and rgb.shape == (height, width, 3)
-  assert images.image_size(data) == (width, height)
   assert 10 < rgb.mean() < 245  # The picture, not a blank or black frame.
 
 

@@ -37,10 +37,10 @@ def shard_path(directory: epath.Path, name: str, index: int, num_shards: int) ->
   return directory / f"{name}-{SPLIT}.array_record-{index:05d}-of-{num_shards:05d}"
 
 
-def _write_shard(args: tuple[int, tuple[str, Any], str, dict[str, Any]]) -> dict[str, Any]:
+def _write_shard(args: tuple[tuple[str, Any], str, dict[str, Any]]) -> dict[str, Any]:
   """Worker: validates unit's items, writes its shard, returns (and saves) its counts."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  index, unit, path, limits = args
+  unit, path, limits = args
   path = epath.Path(path)
   counts_path = epath.Path(f"{path}.counts.json")
   if counts_path.exists():  # Done by an earlier, interrupted run.
@@ -120,7 +120,7 @@ def build(inputs: Sequence[str], out: str, name: str, version: str = "1.0.0",
   directory = dataset_dir(out, name, version)
   directory.mkdir(parents=True, exist_ok=True)
   limits = dict(min_size=min_size, max_pixels=max_pixels, max_caption_chars=max_caption_chars)
-  tasks = [(i, unit, str(shard_path(directory, name, i, len(units))), limits)
+  tasks = [(unit, str(shard_path(directory, name, i, len(units))), limits)
            for i, unit in enumerate(units)]
   workers = workers or os.cpu_count() or 1
   if workers == 1:

@@ -32,19 +32,6 @@ class BadInput(ValueError):
     self.reason = reason
 
 
-def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-  """(width, height) from the header alone, after EXIF orientation (a 90-degree turn swaps them).
-
-  Raises:
-    BadInput: empty, not an image, or more than `max_pixels` pixels.
-  """
-  with _open(data, max_pixels) as img:
-    width, height = img.size
-    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # Orientation tag: transposed.
-      width, height = height, width
-    return width, height
-
-
 def decode_rgb(data: bytes, min_size: int = 1,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """Encoded image -> uint8 [H,W,3], EXIF orientation applied, any mode converted to RGB.

@@ -31,8 +31,6 @@ MISSING_CAPTION = "missing_caption"  # no sidecar file, no caption column, nothi
 EMPTY_CAPTION = "empty_caption"  # empty or whitespace only
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 MISSING_IMAGE = "missing_image"  # a table row or a tar key without its image
-# Repaired, not skipped: counted in summary.json.
-CAPTION_TRUNCATED = "caption_truncated"
 REASONS = images.IMAGE_REASONS + (MISSING_CAPTION, EMPTY_CAPTION, CAPTION_NOT_UTF8,
                                   MISSING_IMAGE)
 

@@ -147,6 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   size = config.input.image_size
   _require(size % m.patch_size == 0, "input.image_size",
            f"{size} is not divisible by model.patch_size={m.patch_size}")
+  _require(len(config.input.buckets) <= 256, "input.buckets",
+           f"at most 256 buckets, got {len(config.input.buckets)}")
   for bucket in config.input.buckets:
     _require(len(bucket) == 2 and all(int(v) >= 1 and int(v) % m.patch_size == 0
                                       for v in bucket), "input.buckets",

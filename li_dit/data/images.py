@@ -103,12 +103,19 @@ def resize_center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray
   return np.asarray(img.crop((left, top, left + width, top + height)), np.uint8)
 
 
-def nearest_buckets(sizes: np.ndarray, buckets: Sequence[tuple[int, int]]) -> np.ndarray:
-  """int [N,2] (width, height) -> int32 [N]: the (height, width) bucket of closest aspect ratio.
+def nearest_buckets(sizes: np.ndarray, buckets: Sequence[tuple[int, int]],
+                    chunk: int = 1 << 20) -> np.ndarray:
+  """int [N,2] (width, height) -> uint8 [N]: the (height, width) bucket of closest aspect ratio.
 
-  Closeness is in log(width / height), so 2:1 and 1:2 are equally far from 1:1.
+  Closeness is in log(width / height), so 2:1 and 1:2 are equally far from 1:1. Works through
+  `sizes` in chunks, so a memory-mapped array of a billion sizes is never loaded whole.
   """
-  sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
+  if not 1 <= len(buckets) <= 256:
+    raise ValueError(f"between 1 and 256 buckets, got {len(buckets)}")
   bucket_ratios = np.log([w / h for h, w in buckets])
-  ratios = np.log(sizes[:, 0] / sizes[:, 1])
-  return np.argmin(np.abs(ratios[:, None] - bucket_ratios[None]), axis=1).astype(np.int32)
+  out = np.empty(len(sizes), np.uint8)
+  for start in range(0, len(sizes), chunk):
+    part = np.asarray(sizes[start:start + chunk], np.float64).reshape(-1, 2)
+    ratios = np.log(part[:, 0] / part[:, 1])
+    out[start:start + chunk] = np.argmin(np.abs(ratios[:, None] - bucket_ratios[None]), axis=1)
+  return out

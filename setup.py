@@ -10,6 +10,9 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "etils[epath]==1.15.0",
     "flax==0.12.8",
+    # gs:// paths: etils.epath's GCS backend without TensorFlow (tools/build_dataset.py, the
+    # pipeline's dataset metadata; ArrayRecord shards are read by their own C++ GCS client).
+    "gcsfs==2026.10.1",
     "gguf==0.19.0",
     "grain==0.2.18",
     "jax==0.10.2",
@@ -37,7 +40,9 @@ EXTRAS_REQUIRE = {
     # need accelerate; torch itself is in the base install.
     "torch": ["accelerate==1.15.0"],
     # libtpu: tools/aot_compile.py's tests compile for TPU topologies on the CPU.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0", "libtpu==0.0.42.1"],
+    # gcp-storage-emulator: a local GCS server for the gs:// tests.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0", "libtpu==0.0.42.1",
+             "gcp-storage-emulator==2026.7.19"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
 }

@@ -2,7 +2,8 @@
 
 The inputs are split into work units in a fixed order (li_dit.data.records.list_units); unit i
 becomes shard i, written by one of `workers` processes. A shard is written under a temporary
-name and renamed, and its counts land in `<shard>.counts.json` last: a rerun after an
+name and renamed (on an object store, uploaded whole: objects appear whole or not at all), and
+its counts land in `<shard>.counts.json` last: a rerun after an
 interruption skips the shards that have their counts and redoes the rest, so the result is the
 same as one uninterrupted run. `summary.json` holds the totals: records written, records skipped
 by reason, captions truncated.
@@ -37,6 +38,20 @@ def shard_path(directory: epath.Path, name: str, index: int, num_shards: int) ->
   return directory / f"{name}-{SPLIT}.array_record-{index:05d}-of-{num_shards:05d}"
 
 
+def _publish(local: str, target: epath.Path) -> None:
+  """Puts a finished local file at `target` such that `target` never exists half-written.
+
+  An object store's upload is atomic (the object appears whole or not at all) and has no cheap
+  rename; a local file is copied under a temporary name and renamed.
+  """
+  if records.is_remote(target):
+    epath.Path(local).copy(target, overwrite=True)
+  else:
+    tmp = epath.Path(f"{target}.tmp")
+    epath.Path(local).copy(tmp, overwrite=True)
+    tmp.rename(target)
+
+
 def _write_shard(args: tuple[tuple[str, Any], str, dict[str, Any]]) -> dict[str, Any]:
   """Worker: validates unit's items, writes its shard, returns (and saves) its counts."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -48,7 +63,7 @@ def _write_shard(args: tuple[tuple[str, Any], str, dict[str, Any]]) -> dict[str,
   serializer = records.features()
   counts = {"written": 0, "skipped": collections.Counter(), "captions_truncated": 0,
             "num_bytes": 0, "sizes": []}
-  # ArrayRecord writes local files: write here, then copy (gs:// outputs) or rename.
+  # ArrayRecord writes local files: write here, then publish (upload or rename).
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, "shard")
     writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
@@ -66,13 +81,11 @@ def _write_shard(args: tuple[tuple[str, Any], str, dict[str, Any]]) -> dict[str,
       counts["num_bytes"] += len(data)
       counts["captions_truncated"] += truncated
     writer.close()
-    tmp_path = epath.Path(f"{path}.tmp")
-    epath.Path(local).copy(tmp_path, overwrite=True)
-    tmp_path.rename(path)
-  counts["skipped"] = dict(counts["skipped"])
-  tmp_counts = epath.Path(f"{counts_path}.tmp")
-  tmp_counts.write_text(json.dumps(counts))
-  tmp_counts.rename(counts_path)
+    _publish(local, path)
+    counts["skipped"] = dict(counts["skipped"])
+    with open(os.path.join(tmp, "counts.json"), "w") as f:
+      json.dump(counts, f)
+    _publish(os.path.join(tmp, "counts.json"), counts_path)
   return counts
 
 

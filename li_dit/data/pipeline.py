@@ -80,7 +80,7 @@ class TfdsSource:
     path = epath.Path(str(self._open().dataset_info.data_dir)) / "sizes.npy"
     if not path.exists():
       raise ValueError(f"{path} is missing: rebuild the dataset with tools/build_dataset.py")
-    if "://" in str(path):  # gs:// and other remote files are read whole.
+    if records.is_remote(path):  # gs:// and other remote files are read whole.
       with path.open("rb") as f:
         sizes = np.load(f)
     else:  # Local: mapped, so bucketing a billion records never holds 8 GB of sizes.

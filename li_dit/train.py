@@ -16,6 +16,7 @@ save checkpoints together. A checkpoint resumes on any number of processes and a
 """
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import sys
@@ -149,6 +150,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       parts.append(f"{what} {total / 2**20:.1f} MiB ({per_device / 2**20:.1f} MiB on device 0)")
     print(f"mesh {dict(mesh.shape)}: " + ", ".join(parts), flush=True)
 
+  # Records the pipeline skipped, per "skipped/<reason>", through the last logged step of the run
+  # (restarts included: the totals travel in the checkpoint).
+  skipped = collections.Counter()
   if start:
     restored = ckpt.restore(start, {
         "params": checkpoints.abstract_like(state.params),
@@ -156,6 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
         "opt_state": checkpoints.abstract_like(state.opt_state)},
         data_iterator=data_iter if restore_iterator else None)
     state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
+    skipped.update(ckpt.restore_counters(start))
     logging.info("resumed from step %d in %s", start, workdir)
     if not restore_iterator:
       logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run has "
@@ -186,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     if is_main:
       generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
 
-  pending, skipped_total = [], 0
+  pending = []
   for step in range(start + 1, config.total_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = sharding.host_to_global(next(data_iter), mesh, rules)
@@ -197,16 +202,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     if step % config.log_every == 0 or last:
       summary = metrics_lib.average(pending)
       summary.update(progress.update(step))
-      skipped_total += sum(v for k, v in summary.items() if k.startswith("skipped/"))
-      summary["skipped_total"] = skipped_total  # Since this process started.
+      skipped.update(_skipped_counts(summary))
+      summary["skipped_total"] = sum(skipped.values())
       pending = []
       writer.write(step, summary)
       if is_main:
         print(progress.line(step, summary), flush=True)
     stop = preemption.stop_after(step)
     if step % config.checkpoint_every == 0 or last or stop:
+      # Steps since the last log count too: the resumed run starts after this step.
+      unlogged = _skipped_counts(metrics_lib.average(pending)) if pending else {}
       ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
-                       "opt_state": state.opt_state}, data_iter, config, force=True)
+                       "opt_state": state.opt_state}, data_iter, config,
+                counters=dict(skipped + collections.Counter(unlogged)), force=True)
     if config.sample_every and (step % config.sample_every == 0 or last):
       write_samples(step)
     if stop:
@@ -218,6 +226,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   ckpt.close()
   writer.close()
   return state
+
+
+def _skipped_counts(summary: dict[str, float]) -> dict[str, float]:
+  return {k: v for k, v in summary.items() if k.startswith("skipped/")}
 
 
 def main(argv):

@@ -3,6 +3,7 @@ written to disk, and the Noto emoji named by Unicode (Debian fonts-noto-color-em
 unicode-data), with aspect-ratio buckets and cached or online text features."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,18 +54,38 @@ def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
   assert all(m["skipped/unreadable_image"] == 0 and m["skipped_total"] == 0 for m in metrics)
 
 
-def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line(tmp_path):
+def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line_across_a_resume(tmp_path):
   data = str(tmp_path / "data")
   fx.write_rotted_dataset(data, "rotted", num=16, rotten=3)
   workdir = str(tmp_path / "run")
-  result = smoke_runs.train(workdir, 1, {}, "--config.input.source=tfds",
-                            "--config.input.tfds_name=rotted", f"--config.input.data_dir={data}")
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    metrics = [json.loads(line) for line in f]
-  # 12 steps of 8 records over 16 records: 6 epochs, the rotten record once in each.
+  # Logs at steps 5, 10, 12 and checkpoints at 4, 8, 12: checkpoints fall between logs.
+  overrides = ("--config.input.source=tfds", "--config.input.tfds_name=rotted",
+               f"--config.input.data_dir={data}", "--config.log_every=5",
+               "--config.checkpoint_every=4", "--config.keep_checkpoints=3")
+  result = smoke_runs.train(workdir, 1, {}, *overrides)
+  metrics = _metrics(workdir)
+  # 12 steps of 8 records over 16 records: epoch e is steps 2e-1 and 2e, the rotten record once
+  # in each.
+  assert [m["step"] for m in metrics] == [5, 10, 12]
   assert sum(m["skipped/unreadable_image"] for m in metrics) == 6
-  assert metrics[-1]["skipped_total"] == 6 and metrics[-1]["step"] == 12
+  assert metrics[-1]["skipped_total"] == 6
   assert "skipped 6 bad records" in result.stdout
+  # Each checkpoint holds the total through its own step, unlogged steps included.
+  for step, total in ((4, 2), (8, 4), (12, 6)):
+    with open(os.path.join(workdir, "checkpoints", str(step), "counters", "metadata")) as f:
+      assert json.load(f) == {"skipped/unreadable_image": total}
+  # Resumed from step 4, the run's total carries on from the checkpoint's.
+  for step in (8, 12):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  smoke_runs.train(workdir, 1, {}, *overrides)
+  resumed = _metrics(workdir)[len(metrics):]
+  assert [m["step"] for m in resumed] == [5, 10, 12]
+  assert [m["skipped_total"] for m in resumed] == [m["skipped_total"] for m in metrics]
+
+
+def _metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):

@@ -1,6 +1,7 @@
-"""Orbax checkpoints of a run: params, EMA params, optimizer state, data iterator, config.
+"""Orbax checkpoints of a run: params, EMA params, optimizer state, data iterator, config and
+the run's counters (records skipped so far, by reason).
 
-Layout: <workdir>/checkpoints/<step>/{params,ema_params,opt_state,data,config}. Each item can
+Layout: <workdir>/checkpoints/<step>/{params,ema_params,opt_state,data,config,counters}. Each item can
 be restored on its own (sampling reads only `ema_params` or `params`). Saves are asynchronous;
 orbax writes into a temporary directory and renames it when complete, so a run killed in the
 middle of a save leaves the previous checkpoint as the latest one, never a half-written one.
@@ -37,6 +38,7 @@ class Checkpointer:
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["data"] = grain.checkpoint.CheckpointHandler()
     handlers["config"] = ocp.JsonCheckpointHandler()
+    handlers["counters"] = ocp.JsonCheckpointHandler()
     self.manager = ocp.CheckpointManager(
         os.path.abspath(checkpoint_dir(workdir)),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -48,11 +50,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, arrays: dict[str, Any], data_iterator: Any,
-           config: ml_collections.ConfigDict, force: bool = False) -> bool:
-    """Starts an (async) save of `arrays` (the ARRAY_ITEMS), the data iterator and the config."""
+           config: ml_collections.ConfigDict, counters: dict[str, float] | None = None,
+           force: bool = False) -> bool:
+    """Starts an (async) save of `arrays` (the ARRAY_ITEMS), the data iterator, the config and
+    `counters` (run totals through `step`, e.g. {"skipped/empty_file": 2})."""
     args = {name: ocp.args.StandardSave(arrays[name]) for name in ARRAY_ITEMS}
     args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     args["config"] = ocp.args.JsonSave(config_lib.to_json(config))
+    args["counters"] = ocp.args.JsonSave(dict(counters or {}))
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore(self, step: int, abstract: dict[str, Any], data_iterator: Any | None = None
@@ -86,6 +91,13 @@ class Checkpointer:
     self._check_step(step)
     text = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return config_lib.from_json(text["config"])
+
+  def restore_counters(self, step: int) -> dict[str, float]:
+    """The counters saved with `step` ({} for a checkpoint written before they existed)."""
+    self._check_step(step)
+    if not (self.manager.directory / str(step) / "counters").exists():
+      return {}
+    return dict(self._restore(step, {"counters": ocp.args.JsonRestore()})["counters"])
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -28,8 +28,8 @@ SAMPLE_PROMPTS = (
     "two purple squares",
     "three orange circles",
     "a green triangle",
-    "a blue circle to the right of a yellow square",
-    "a purple triangle below an orange circle",
+    "a yellow square to the left of a blue circle",
+    "an orange circle above a purple triangle",
 )
 
 

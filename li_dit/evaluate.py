@@ -57,7 +57,7 @@ def main(argv):
   steps = _STEPS.value or config.sample.steps
   cfg = config.sample.cfg if _CFG.value is None else _CFG.value
   sampler = _SAMPLER.value or config.sample.sampler
-  prompts = shapes.heldout_captions(config.input.data_seed)
+  prompts = shapes.heldout_captions(config.input.data_seed, config.input.relations)
   start = time.perf_counter()
   report, images = evaluate_shapes(generator, params, prompts, _SAMPLES.value, _SEED.value,
                                    steps, cfg, sampler, _BATCH.value)

@@ -44,6 +44,8 @@ def test_unknown_demo_variant():
     ("model.attention", "flash", "config.model.attention: 'flash' is not one of"),
     ("optim.warmup_steps", 100, "config.optim.warmup_steps: must be in"),
     ("input.caption_dropout", 1.0, "config.input.caption_dropout: must be in"),
+    ("input.relations", ("left", "beside"),
+     "config.input.relations: ('left', 'beside') is not a non-empty subset of"),
     ("input.buckets", ((32, 32),) * 257, "config.input.buckets: at most 256 buckets, got 257"),
     ("input.buckets", ((32, 31),), "config.input.buckets: (32, 31) is not a (height, width)"),
 ])

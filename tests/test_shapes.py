@@ -60,6 +60,22 @@ def test_heldout_scenes_have_no_training_paraphrase():
       assert swapped.caption in heldout
 
 
+def test_reading_order_keeps_the_same_heldout_scenes_in_one_wording():
+  order = shapes.READING_ORDER
+  assert len(shapes.all_captions(order)) == 54 + 540
+  heldout, train = shapes.heldout_captions(0, order), shapes.train_captions(0, order)
+  assert len(heldout) == 54 + 6 and sorted(train + heldout) == shapes.all_captions(order)
+  # The same pictures are held out as with all four relations, in their reading-order wording.
+  assert set(heldout) == {c for c in shapes.heldout_captions(0)
+                          if shapes.parse_caption(c).relation in (None, *order)}
+  source = shapes.ShapesSource(num_records=300, relations=order)
+  kinds = {shapes.parse_caption(source[i]["caption"]).relation for i in range(len(source))}
+  assert kinds == {None, "left", "above"}
+  assert "relations=('left', 'above')" in repr(source)  # grain's checkpoints compare reprs
+  with pytest.raises(ValueError, match="relations must be a non-empty subset"):
+    shapes.all_captions(("left", "beside"))
+
+
 def _colour_pixels(image, colour):
   """(row, col) of pixels within 60 of a palette colour: the object interiors."""
   distance = np.linalg.norm(image.astype(float) - shapes.PALETTE[colour], axis=-1)

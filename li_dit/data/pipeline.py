@@ -114,7 +114,8 @@ def make_source(input_config: ml_collections.ConfigDict, split: str = "train"):
   """The random-access record source named by `input_config.source`."""
   if input_config.source == "shapes":
     return ShapesRecords(shapes.ShapesSource(image_size=input_config.image_size,
-                                             seed=input_config.data_seed, split=split))
+                                             seed=input_config.data_seed, split=split,
+                                             relations=input_config.relations))
   if input_config.source == "tfds":
     return TfdsSource(input_config.tfds_name, input_config.data_dir, input_config.split)
   raise ValueError(f"config.input.source: unknown source {input_config.source!r}; "
@@ -128,7 +129,7 @@ def source_captions(input_config: ml_collections.ConfigDict) -> list[str]:
   records, seconds); large ones encode online (config.text.encode='online').
   """
   if input_config.source == "shapes":
-    return shapes.train_captions(input_config.data_seed)
+    return shapes.train_captions(input_config.data_seed, input_config.relations)
   source = make_source(input_config)
   return sorted({c for i in range(len(source)) for c in source[i]["captions"]})
 

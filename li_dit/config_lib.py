@@ -14,7 +14,7 @@ import sys
 from typing import Any, Sequence
 
 import ml_collections
-from absl import flags
+from absl import flags, logging
 
 from li_dit.data import shapes
 from li_dit.diffusion import samplers
@@ -99,6 +99,13 @@ def llm_config(path: str, *, layer: int = -3, max_tokens: int = 128, template: s
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
+
+
+def quiet_library_logs() -> None:
+  """WARNING as the default log level of our CLIs: orbax and grain log every save and restore
+  at INFO. An explicit --verbosity wins."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

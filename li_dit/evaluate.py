@@ -15,6 +15,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from li_dit import config_lib
 from li_dit import generate
 from li_dit.data import shapes
 from li_dit.data import shapes_score
@@ -53,6 +54,7 @@ def evaluate_shapes(generator: generate.Generator, params, prompts: list[str],
 
 def main(argv):
   del argv
+  config_lib.quiet_library_logs()
   config, generator, params, step = generate.load_run(_WORKDIR.value, _STEP.value, _EMA.value)
   steps = _STEPS.value or config.sample.steps
   cfg = config.sample.cfg if _CFG.value is None else _CFG.value

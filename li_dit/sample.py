@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from li_dit import config_lib
 from li_dit import generate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["workdir", "prompt", "out"])
 
 def main(argv):
   del argv
+  config_lib.quiet_library_logs()
   config, generator, params, step = generate.load_run(_WORKDIR.value, _STEP.value, _EMA.value)
   prompts = [p for p in _PROMPTS.value for _ in range(_NUM.value)]
   images = generator(params, prompts, seed=_SEED.value,

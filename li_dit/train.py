@@ -234,8 +234,7 @@ def _skipped_counts(summary: dict[str, float]) -> dict[str, float]:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO.
+  config_lib.quiet_library_logs()
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train(_CONFIG.value, _WORKDIR.value)

@@ -37,12 +37,14 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # transformers' PyTorch models loading GGUF files (parity references, the torch export) also
-    # need accelerate; torch itself is in the base install.
-    "torch": ["accelerate==1.15.0"],
+    # need accelerate; torch itself is in the base install. diffusers: the PyTorch AutoencoderKL
+    # (VAE parity references, tools/bench_vae.py).
+    "torch": ["accelerate==1.15.0", "diffusers==0.42.1"],
     # libtpu: tools/aot_compile.py's tests compile for TPU topologies on the CPU.
     # gcp-storage-emulator: a local GCS server for the gs:// tests.
+    # diffusers: tests/test_vae.py's reference VAE.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0", "libtpu==0.0.42.1",
-             "gcp-storage-emulator==2026.7.19"],
+             "gcp-storage-emulator==2026.7.19", "diffusers==0.42.1"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
 }

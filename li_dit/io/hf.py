@@ -223,12 +223,16 @@ def assemble_params(expected: Params, read: Callable[[str, tuple[int, ...], Any]
 class SafetensorsCheckpoint:
   """The tensors of one or many safetensors files, read one at a time (never memory-mapped whole).
 
+  `stem` names the files: `<stem>.safetensors`, or the shards listed by
+  `<stem>.safetensors.index.json` ("model" for transformers, "diffusion_pytorch_model" for
+  diffusers).
+
   Attributes:
     index: tensor name -> (file path, dtype, shape, byte offset, byte length).
   """
 
-  def __init__(self, directory: str):
-    files = self._files(directory)
+  def __init__(self, directory: str, stem: str = "model"):
+    files = self._files(directory, stem)
     self.directory = directory
     self.index: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
     for path in files:
@@ -247,8 +251,8 @@ class SafetensorsCheckpoint:
                             end - begin)
 
   @staticmethod
-  def _files(directory: str) -> list[str]:
-    index_path = os.path.join(directory, "model.safetensors.index.json")
+  def _files(directory: str, stem: str) -> list[str]:
+    index_path = os.path.join(directory, f"{stem}.safetensors.index.json")
     if os.path.exists(index_path):
       with open(index_path) as f:
         weight_map = json.load(f)["weight_map"]
@@ -257,10 +261,10 @@ class SafetensorsCheckpoint:
       if missing:
         raise FileNotFoundError(f"{index_path} lists {missing[0]}, which is not in {directory}.")
       return [os.path.join(directory, f) for f in files]
-    single = os.path.join(directory, "model.safetensors")
+    single = os.path.join(directory, f"{stem}.safetensors")
     if os.path.exists(single):
       return [single]
-    raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in "
+    raise FileNotFoundError(f"No {stem}.safetensors or {stem}.safetensors.index.json in "
                             f"{directory}.")
 
   def prefix(self) -> str:

@@ -47,6 +47,7 @@ def _train_on(tmp_path, name, data_dir, *overrides):
   return metrics
 
 
+@pytest.mark.slow  # ~45 s; the default suite trains from built datasets in the tests below.
 def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
   data, summary = _build(tmp_path, "shapes", "shapes_disk", "--num", "96")
   assert summary["written"] == 96 and summary["skipped_total"] == 0

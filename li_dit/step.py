@@ -1,5 +1,8 @@
 """The train step and everything it is built from, shared by `li_dit.train` and ahead-of-time
-compiles (`tools/aot_compile.py`): model, optimizer, state and frozen-text shardings, FLOPs.
+compiles (`tools/aot_compile.py`): model, optimizer, state and frozen-side shardings, FLOPs.
+
+The frozen side is one pytree passed into the step, {"text": TextConditioner.frozen(),
+"vae": ImageSpace.frozen()} (`frozen_arrays`): LLMs, prefixes or tables, and the VAE.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 from li_dit import config_lib
 from li_dit import flops as flops_lib
 from li_dit import generate
+from li_dit import latents
 from li_dit import optim
 from li_dit.data import records
 from li_dit.diffusion import flow
@@ -31,16 +35,18 @@ class TrainState:
   opt_state: Any
 
 
-def make_train_step(model, conditioner: conditioning.TextConditioner, tx, schedule,
-                    config: ml_collections.ConfigDict, shift: float):
-  """The one train step: (state, frozen text arrays, batch) -> (state, metrics)."""
+def make_train_step(model, conditioner: conditioning.TextConditioner, space: latents.ImageSpace,
+                    tx, schedule, config: ml_collections.ConfigDict, shift: float):
+  """The one train step: (state, frozen arrays (`frozen_arrays`), batch) -> (state, metrics)."""
   base_rng = jax.random.key(config.seed)
 
   def train_step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
     # The step's randomness is a function of the step alone, so a resumed run draws the same.
-    rng_t, rng_noise = jax.random.split(jax.random.fold_in(base_rng, state.step))
-    x0 = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    text = conditioner.features(frozen, batch)
+    # Three keys, not a fold_in for the latent draw: fold_in(k, 1) is split(k, 2)[1]. The first
+    # two of split(k, 3) are split(k, 2)'s, so pixel-space runs draw what they always drew.
+    rng_t, rng_noise, rng_latent = jax.random.split(jax.random.fold_in(base_rng, state.step), 3)
+    x0 = space.encode(frozen["vae"], batch["image"], rng_latent)
+    text = conditioner.features(frozen["text"], batch)
     t = flow.sample_time(rng_t, x0.shape[0], config.flow.t_mean, config.flow.t_std, shift)
     noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
     x_t = flow.interpolate(x0, noise, t)
@@ -76,8 +82,8 @@ class StepPlan(NamedTuple):
 
   Attributes:
     init_state: rng -> the initial TrainState (unboxed), to jit with `state_shardings`.
-    state_shardings, frozen_shardings: NamedShardings of the TrainState and of the frozen text
-      side (`TextConditioner.frozen()`).
+    state_shardings, frozen_shardings: NamedShardings of the TrainState and of the frozen side
+      (`frozen_arrays`).
     train_step: jitted (state, frozen, batch) -> (state, metrics); call or lower it inside
       `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
   """
@@ -114,8 +120,14 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   return rules
 
 
+def frozen_arrays(conditioner: conditioning.TextConditioner, space: latents.ImageSpace
+                  ) -> dict[str, Any]:
+  """The frozen side of the train step, one pytree: {"text": ..., "vae": ...}."""
+  return {"text": conditioner.frozen(), "vae": space.frozen()}
+
+
 def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-              conditioner: conditioning.TextConditioner) -> StepPlan:
+              conditioner: conditioning.TextConditioner, space: latents.ImageSpace) -> StepPlan:
   """Builds the model, optimizer, state shardings and the jitted train step on `mesh`.
 
   Raises ConfigError when the global batch does not divide over the data-parallel devices.
@@ -128,12 +140,12 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         f"memory to offload to (memories {sorted(memories)}); use 'save_dots' or 'full'")
   model = generate.build_model(config, len(conditioner.names))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  size, channels = config.input.image_size, config.model.channels
+  size = config.input.image_size
   text_shapes = jax.eval_shape(conditioner.features, conditioner.frozen(),
                                example_text_batch(conditioner, 1))
 
   def init_state(rng):
-    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    x = jnp.zeros((1,) + space.latent_shape(size, size), jnp.float32)
     text = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), text_shapes)
     params = model.init(rng, x, jnp.zeros((1,)), text)["params"]
     # The optimizer state is built from the boxed params, so its moments carry the params'
@@ -144,8 +156,10 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   # Shapes and logical axes without allocating anything.
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   frozen_shardings = sharding.divisible_shardings(
-      conditioner.frozen_logical_specs(), conditioner.frozen(), mesh, rules)
-  step_fn = make_train_step(model, conditioner, tx, schedule, config, generate.time_shift(config))
+      {"text": conditioner.frozen_logical_specs(), "vae": space.frozen_logical_specs()},
+      frozen_arrays(conditioner, space), mesh, rules)
+  step_fn = make_train_step(model, conditioner, space, tx, schedule, config,
+                            generate.time_shift(config))
   state_shardings = sharding.divisible_shardings(
       nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -157,12 +171,15 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def train_step_flops(config: ml_collections.ConfigDict,
-                     conditioner: conditioning.TextConditioner) -> dict[str, int]:
-  """Model FLOPs of one train step of `config` over its global batch (li_dit.flops)."""
+                     conditioner: conditioning.TextConditioner, space: latents.ImageSpace
+                     ) -> dict[str, int]:
+  """Model FLOPs of one train step of `config` over its global batch (li_dit.flops), on the
+  DiT's input size; the VAE's encoder is not counted."""
   texts = [flops_lib.TextShape(e.layout.prefix_len, e.layout.length, e.config, e.spec.layer)
            for e in conditioner.encoders.values()]
+  latent_size = config.input.image_size // space.factor
   return flops_lib.train_step_flops(
-      li_dit.ModelConfig(**config.model.to_dict()), config.input.image_size, texts,
+      li_dit.ModelConfig(**config.model.to_dict()), latent_size, texts,
       config.input.batch_size, online=config.text.encode == conditioning.ONLINE)
 
 
@@ -178,11 +195,11 @@ def example_text_batch(conditioner: conditioning.TextConditioner, batch_size: in
   return {"caption_id": np.zeros((batch_size,), np.int32)}
 
 
-def example_batch(config: ml_collections.ConfigDict, conditioner: conditioning.TextConditioner
-                  ) -> dict[str, np.ndarray]:
+def example_batch(config: ml_collections.ConfigDict, conditioner: conditioning.TextConditioner,
+                  space: latents.ImageSpace) -> dict[str, np.ndarray]:
   """A global data batch of `config` as the pipeline makes it, zeros (square image_size)."""
   size, batch = config.input.image_size, config.input.batch_size
-  return {"image": np.zeros((batch, size, size, config.model.channels), np.uint8),
+  return {"image": np.zeros((batch, size, size, space.image_channels), np.uint8),
           "truncated": np.zeros((batch,), np.int32),
           "skipped": np.zeros((batch, len(records.REASONS)), np.int32),
           **example_text_batch(conditioner, batch)}

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from li_dit import config_lib
 from li_dit import flops as flops_lib
 from li_dit import generate
+from li_dit import latents
 from li_dit import metrics as metrics_lib
 from li_dit import step as step_lib
 from li_dit.data import pipeline
@@ -115,6 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   mesh = step_lib.make_mesh(config)
   # Before any LLM is loaded or anything compiled.
   rules = step_lib.check_batch_divides(config, mesh)
+  # Pixels, or a frozen VAE (checked against the config before its weights are read).
+  space = latents.from_config(config, mesh, rules)
   # The frozen text side: LLMs (loaded straight into their shards), their instruction prefixes,
   # and (cached mode) the feature table.
   encoders = generate.build_encoders(config.text, mesh, rules)
@@ -124,10 +127,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     # others compute the same table.
     conditioner.build_table(pipeline.source_captions(config.input),
                             cache_dir=os.path.join(workdir, "text_cache") if is_main else None)
-  plan = step_lib.plan_step(config, mesh, conditioner)
-  frozen = jax.device_put(conditioner.frozen(), plan.frozen_shardings)
+  plan = step_lib.plan_step(config, mesh, conditioner, space)
+  frozen = jax.device_put(step_lib.frozen_arrays(conditioner, space), plan.frozen_shardings)
   model = plan.model
-  size, channels = config.input.image_size, config.model.channels
+  size = config.input.image_size
 
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = ckpt.latest_step() or 0
@@ -145,7 +148,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
 
   if is_main:
     parts = []
-    for what, tree in (("train state", state), ("frozen text side", frozen)):
+    trees = [("train state", state), ("frozen text side", frozen["text"])]
+    if space.vae is not None:
+      trees.append(("frozen VAE", frozen["vae"]))
+    for what, tree in trees:
       total, per_device = sharding.memory_footprint(tree)
       parts.append(f"{what} {total / 2**20:.1f} MiB ({per_device / 2**20:.1f} MiB on device 0)")
     print(f"mesh {dict(mesh.shape)}: " + ", ".join(parts), flush=True)
@@ -167,11 +173,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
                       "%d: the data restarts at global batch %d, where the saved run would have "
                       "continued", start, saved_by, jax.process_count(), start)
 
-  generator = generate.Generator(model, conditioner, (size, size, channels),
+  generator = generate.Generator(model, conditioner, space, (size, size),
                                  generate.time_shift(config))
   sample_text = generator.encode(list(config.sample.prompts)) if config.sample.prompts else None
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  step_flops = step_lib.train_step_flops(config, conditioner)
+  step_flops = step_lib.train_step_flops(config, conditioner, space)
   peak, peak_source = flops_lib.peak_flops()
   if is_main:
     print(f"model FLOPs per step: {step_flops['total'] / 1e12:.4g} TFLOP (DiT "

@@ -11,6 +11,8 @@ dtypes; with online text encoding the frozen LLMs' forward is part of it. LLM we
 read: their architecture comes from their config file when the path exists here, else from
 `li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B); the chat template's prefix and
 suffix lengths, which a tokenizer would decide, are --prefix_tokens and --suffix_tokens.
+With config.vae.path, the VAE's encoder is part of the step too (its config.json is read, its
+weights are not).
 
 Prints per-chip memory (arguments, outputs, temporaries, peak) against the chip's HBM, model
 TFLOPs per step (li_dit.flops) and the step time at 100% and 50% MFU; --json writes the same.
@@ -32,6 +34,7 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
+from li_dit import latents  # noqa: E402
 from li_dit import step as step_lib  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
@@ -78,16 +81,17 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
       {"name": name, **config.text.llms[name].to_dict()}, prefix_tokens, suffix_tokens)
               for name in sorted(config.text.llms)}
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
-  step = step_lib.plan_step(config, mesh, conditioner)
+  space = latents.from_config(config, load=False)
+  step = step_lib.plan_step(config, mesh, conditioner, space)
 
   state = _with_shardings(jax.eval_shape(step.init_state, jax.random.key(0)),
                           step.state_shardings)
-  frozen = _with_shardings(conditioner.frozen(), step.frozen_shardings)
-  local = step_lib.example_batch(config, conditioner)
+  frozen = _with_shardings(step_lib.frozen_arrays(conditioner, space), step.frozen_shardings)
+  local = step_lib.example_batch(config, conditioner, space)
   batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                          sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
                  for k, v in local.items()}
-  step_flops = step_lib.train_step_flops(config, conditioner)
+  step_flops = step_lib.train_step_flops(config, conditioner, space)
   result = {
       "topology": topology, "slices": num_slices, "chips": len(devices),
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),

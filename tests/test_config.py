@@ -20,6 +20,7 @@ def _load(name, arg=None):
 
 
 @pytest.mark.parametrize("name,arg", [("demo.py", None), ("demo.py", "smoke"),
+                                      ("demo.py", "latent_smoke"),
                                       ("li_dit_1b.py", None), ("li_dit_10b.py", None),
                                       ("li_dit_10b.py", "1024")])
 def test_shipped_configs_validate(name, arg):
@@ -39,6 +40,7 @@ def test_unknown_demo_variant():
     ("input.image_size", 31, "config.input.image_size: 31 is not divisible by model.patch_size"),
     ("text.encode", "offline", "config.text.encode: 'offline' is not one of"),
     ("model.dtype", "float16", "config.model.dtype: 'float16' is not one of"),
+    ("vae.dtype", "float16", "config.vae.dtype: 'float16' is not one of"),
     ("sample.sampler", "ddim", "config.sample.sampler: 'ddim' is not one of"),
     ("model.remat", "save-everything", "config.model.remat: 'save-everything' is not one of"),
     ("model.attention", "flash", "config.model.attention: 'flash' is not one of"),

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from li_dit import config_lib
 from li_dit.io import diffusers_vae
@@ -150,6 +151,7 @@ def from_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
                                                                   param_dtype=dtype),
                      params, vae_fields.sample_latents)
   if mesh is not None and load:
-    space.params = jax.device_put(params, sharding.divisible_shardings(
+    # From host arrays, as the LLMs' weights: every process puts its own copy on its devices.
+    space.params = jax.device_put(jax.tree.map(np.asarray, params), sharding.divisible_shardings(
         space.frozen_logical_specs(), params, mesh, rules))
   return space

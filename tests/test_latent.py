@@ -4,6 +4,7 @@ config errors raised before anything is loaded or compiled, and configs/demo.py:
 end to end through `python -m li_dit.train` and `python -m li_dit.sample`."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,23 +116,28 @@ def test_config_errors_come_before_loading_anything(vae_folder, tmp_path, monkey
   assert str(error.value).startswith(message), error.value
 
 
-@pytest.fixture(scope="module")
-def latent_run(vae_folder, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("latent_run"))
+def _train(workdir: str, vae_folder: str) -> None:
   result = subprocess.run(
       [sys.executable, "-m", "li_dit.train", "--config", "configs/demo.py:latent_smoke",
        "--workdir", workdir, "--config.log_every=1", f"--config.vae.path={vae_folder}",
-       f"--config.total_steps={STEPS}", f"--config.checkpoint_every={STEPS}",
+       f"--config.total_steps={STEPS}", f"--config.checkpoint_every={STEPS // 2}",
        f"--config.sample_every={STEPS}", "--config.optim.warmup_steps=1"],
       cwd=REPO, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def latent_run(vae_folder, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("latent_run"))
+  _train(workdir, vae_folder)
   return workdir
 
 
 def test_latent_smoke_trains_end_to_end(latent_run):
   losses = smoke_runs.losses(latent_run)
   assert len(losses) == STEPS and np.all(np.isfinite(losses))
-  assert os.listdir(os.path.join(latent_run, "checkpoints")) == [str(STEPS)]
+  assert sorted(os.listdir(os.path.join(latent_run, "checkpoints"))) == [str(STEPS // 2),
+                                                                         str(STEPS)]
   # The checkpoint holds the DiT side only: the VAE, like the LLMs, is not the run's to save.
   names = smoke_runs.params(latent_run, STEPS)
   assert not any("encoder" in k or "decoder" in k for k in names), sorted(names)[:5]
@@ -149,3 +155,16 @@ def test_sample_cli_decodes_to_pixels(latent_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   image = np.asarray(Image.open(out))
   assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_resume_draws_the_same_latents(latent_run, vae_folder, tmp_path):
+  """A run resumed from its middle checkpoint logs the losses of the uninterrupted one: the
+  latent draws, like the flow's noise, are a function of the step."""
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(latent_run, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
+  _train(workdir, vae_folder)
+  losses = smoke_runs.losses(workdir)
+  assert len(losses) == STEPS + STEPS // 2  # The second half logged again, after the resume.
+  np.testing.assert_array_equal(losses[STEPS:], smoke_runs.losses(latent_run)[STEPS // 2:])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Deletes the TPU VM(s), or the queued resource with its slices. Whatever runs on them stops at
+# once: launch/stop.sh first saves a checkpoint.
+#
+#   launch/delete.sh --name NAME [--project P] [--zone Z] [--queued] [--slices N] [--dry-run]
+#
+# --queued    NAME is a queued resource (launch/create.sh --queued, or --slices N): it goes
+#             with its TPU VMs (--force)
+# --slices N  the N slices of a multi-slice queued resource
+# --dry-run   print the gcloud commands, run nothing
+#
+# Safe to re-run: what is gone already is said so and skipped.
+
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
+
+QUEUED=0
+split_equals "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
+while (($#)); do
+  case $1 in
+    --queued) QUEUED=1; shift ;;
+    *) common_flag "$@"; shift "$SHIFT" ;;
+  esac
+done
+
+check_common
+((SLICES == 1)) || QUEUED=1
+if ((QUEUED)); then
+  KIND=queued-resources TARGETS=("$NAME") FORCE=(--force)
+else
+  KIND=tpu-vm TARGETS=("${NODES[@]}") FORCE=()
+fi
+for target in "${TARGETS[@]}"; do
+  if ((!DRY_RUN)) && ! exists "$KIND" "$target"; then
+    echo "$KIND $target does not exist in $ZONE (project $PROJECT): nothing to delete"
+    continue
+  fi
+  gcloud_run compute tpus "$KIND" delete "$target" --zone="$ZONE" --project="$PROJECT" \
+    ${FORCE[@]+"${FORCE[@]}"} --quiet
+done

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Shows the state of the TPU VM(s) (and of their queued resource), and on every worker whether
+# li_dit.train runs, the commit installed and the log's last line.
+#
+#   launch/status.sh --name NAME [--project P] [--zone Z] [--queued] [--slices N] [--dry-run]
+#
+# --queued    NAME is a queued resource (launch/create.sh --queued, or --slices N)
+# --slices N  the N slices of a multi-slice queued resource (TPU VMs NAME-0 .. NAME-<N-1>)
+# --dry-run   print the gcloud commands, run nothing
+
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
+
+QUEUED=0
+split_equals "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
+while (($#)); do
+  case $1 in
+    --queued) QUEUED=1; shift ;;
+    *) common_flag "$@"; shift "$SHIFT" ;;
+  esac
+done
+
+check_common
+((SLICES == 1)) || QUEUED=1
+LOCATION=(--zone="$ZONE" --project="$PROJECT")
+if ((QUEUED)); then
+  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE (the TPU VMs exist), FAILED, SUSPENDED, ...
+  gcloud_run compute tpus queued-resources describe "$NAME" "${LOCATION[@]}" \
+    --format='value(name.basename(),state.state)'
+fi
+for node in "${NODES[@]}"; do
+  gcloud_run compute tpus tpu-vm describe "$node" "${LOCATION[@]}" \
+    --format='value(name.basename(),acceleratorType,state,health)'
+done
+on_all_workers "if $REMOTE_RUNNING; then state=\"running (pid \$(cat $REMOTE_PID))\"
+else state='not running'; fi
+echo \"\$(hostname): li_dit.train \$state; commit \$(cat $REMOTE_CODE/COMMIT 2>/dev/null || echo none)\"
+echo \"  \$(tail -n 1 $REMOTE_LOG 2>/dev/null)\""

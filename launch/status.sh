@@ -26,14 +26,23 @@ check_common
 ((SLICES == 1)) || QUEUED=1
 LOCATION=(--zone="$ZONE" --project="$PROJECT")
 if ((QUEUED)); then
-  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE (the TPU VMs exist), FAILED, SUSPENDED, ...
+  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE (its TPU VMs exist), FAILED, SUSPENDED, ...
   gcloud_run compute tpus queued-resources describe "$NAME" "${LOCATION[@]}" \
-    --format='value(name.basename(),state.state)'
+    --format='value(name.basename(),state.state)' || true
 fi
+# The workers of READY TPU VMs answer ssh; the others (missing, CREATING, PREEMPTED, ...) are
+# only described.
+READY=()
 for node in "${NODES[@]}"; do
-  gcloud_run compute tpus tpu-vm describe "$node" "${LOCATION[@]}" \
-    --format='value(name.basename(),acceleratorType,state,health)'
+  if described=$(gcloud_run compute tpus tpu-vm describe "$node" "${LOCATION[@]}" \
+    --format='value(name.basename(),acceleratorType,state,health)'); then
+    echo "$described"
+    if ((DRY_RUN)) || [[ $described =~ (^|[[:space:]])READY([[:space:]]|$) ]]; then
+      READY+=("$node")
+    fi
+  fi
 done
+NODES=(${READY[@]+"${READY[@]}"})
 on_all_workers "if $REMOTE_RUNNING; then state=\"running (pid \$(cat $REMOTE_PID))\"
 else state='not running'; fi
 echo \"\$(hostname): li_dit.train \$state; commit \$(cat $REMOTE_CODE/COMMIT 2>/dev/null || echo none)\"

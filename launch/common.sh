@@ -74,7 +74,7 @@ common_flag() {
 }
 
 # Checks the shared flags (before any gcloud call) and sets NODES, the TPU VM of each slice: one
-# slice is the VM NAME; N slices (queued resources with --node-prefix NAME) are NAME-0 .. NAME-<N-1>.
+# slice is the VM NAME; N slices (a queued resource's --node-prefix NAME) are NAME-0 .. NAME-<N-1>.
 check_common() {
   [[ -n $NAME ]] || die "--name is required (the TPU VM, or the queued resource and its slices)"
   [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||

@@ -69,5 +69,5 @@ if ((!DRY_RUN)) && exists "$KIND" "$NAME"; then
 fi
 gcloud_run "${CREATE[@]}"
 if ((QUEUED && !DRY_RUN)); then
-  echo "queued: launch/status.sh --name $NAME --queued shows when it is ACTIVE"
+  echo "queued: launch/status.sh --name $NAME --queued --slices $SLICES shows when it is ACTIVE"
 fi

@@ -8,7 +8,8 @@
 # The commit goes as a `git archive` of HEAD, copied with `gcloud compute tpus tpu-vm scp
 # --worker=all` and unpacked into ~/li-dit (replacing what was there; ~/li-dit/COMMIT names the
 # commit); `pip install -e '~/li-dit[tpu]'` into the venv ~/li-dit-venv (made once, with PY:
-# python3.11 by default, installed with apt-get when the image lacks it).
+# python3.11 by default, which li-dit needs; apt-get installs it and its venv module when the
+# image lacks them).
 # --allow-dirty  copy HEAD although the working tree has uncommitted changes (they do not go)
 # --slices N     the N slices of a multi-slice queued resource (TPU VMs NAME-0 .. NAME-<N-1>)
 # --dry-run      print the gcloud commands, run nothing
@@ -31,7 +32,8 @@ while (($#)); do
 done
 
 check_common
-[[ $PYTHON =~ ^[A-Za-z0-9._/-]+$ ]] || die "--python '$PYTHON' is not an interpreter name"
+[[ $PYTHON =~ ^python3\.[0-9]+$ ]] ||
+  die "--python '$PYTHON': python3.N (the interpreter and its apt package)"
 COMMIT=$(git -C "$REPO" rev-parse HEAD)
 if ! git -C "$REPO" diff --quiet HEAD; then
   ((ALLOW_DIRTY)) || die "$REPO has uncommitted changes, which would not reach the workers:
@@ -40,6 +42,7 @@ if ! git -C "$REPO" diff --quiet HEAD; then
 fi
 
 ARCHIVE=${TMPDIR:-/tmp}/li-dit-$COMMIT.tar.gz
+UPLOAD=li-dit.tar.gz  # In the worker's home.
 # torch (a dependency of the base install) from PyTorch's CPU index: PyPI's Linux wheel pulls
 # gigabytes of CUDA libraries a TPU VM has no use for.
 SETUP="set -euo pipefail
@@ -47,14 +50,16 @@ if $REMOTE_RUNNING; then
   echo \"\$(hostname): li_dit.train is running; stop it first (launch/stop.sh)\" >&2
   exit 1
 fi
-if ! command -v $PYTHON >/dev/null; then
-  sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $PYTHON $PYTHON-venv
+if ! $PYTHON -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  sudo apt-get update -q
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $PYTHON $PYTHON-venv
 fi
-rm -rf $REMOTE_CODE && mkdir -p $REMOTE_CODE && tar -xzf ~/li-dit.tar.gz -C $REMOTE_CODE
-rm ~/li-dit.tar.gz && echo $COMMIT > $REMOTE_CODE/COMMIT
+rm -rf $REMOTE_CODE && mkdir -p $REMOTE_CODE && tar -xzf ~/$UPLOAD -C $REMOTE_CODE
+rm ~/$UPLOAD && echo $COMMIT > $REMOTE_CODE/COMMIT
 [ -x $REMOTE_VENV/bin/python ] || $PYTHON -m venv $REMOTE_VENV
 $REMOTE_VENV/bin/pip install -q --upgrade pip
-$REMOTE_VENV/bin/pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e $REMOTE_CODE'[tpu]'
+$REMOTE_VENV/bin/pip install -q --extra-index-url https://download.pytorch.org/whl/cpu \\
+  -e $REMOTE_CODE'[tpu]'
 echo \"\$(hostname): li-dit $COMMIT installed in $REMOTE_VENV\""
 
 if ((!DRY_RUN)); then
@@ -62,7 +67,7 @@ if ((!DRY_RUN)); then
   git -C "$REPO" archive --format=tar.gz --output="$ARCHIVE" HEAD
 fi
 for node in "${NODES[@]}"; do
-  gcloud_run compute tpus tpu-vm scp "$ARCHIVE" "$node:li-dit.tar.gz" --zone="$ZONE" \
+  gcloud_run compute tpus tpu-vm scp "$ARCHIVE" "$node:$UPLOAD" --zone="$ZONE" \
     --project="$PROJECT" --worker=all
 done
 on_all_workers "$SETUP"

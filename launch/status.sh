@@ -45,5 +45,6 @@ done
 NODES=(${READY[@]+"${READY[@]}"})
 on_all_workers "if $REMOTE_RUNNING; then state=\"running (pid \$(cat $REMOTE_PID))\"
 else state='not running'; fi
-echo \"\$(hostname): li_dit.train \$state; commit \$(cat $REMOTE_CODE/COMMIT 2>/dev/null || echo none)\"
+commit=\$(cat $REMOTE_CODE/COMMIT 2>/dev/null || echo none)
+echo \"\$(hostname): li_dit.train \$state; commit \$commit\"
 echo \"  \$(tail -n 1 $REMOTE_LOG 2>/dev/null)\""

@@ -72,7 +72,8 @@ printf -v TRAIN ' %q' -m li_dit.train --config "$CONFIG" --workdir "$WORKDIR" \
   ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 START="if ! cd $REMOTE_CODE; then echo \"\$(hostname): run launch/setup.sh first\" >&2; exit 1; fi
 if $REMOTE_RUNNING; then
-  echo \"\$(hostname): li_dit.train is running already (pid \$(cat $REMOTE_PID)); not starting another\"
+  echo \"\$(hostname): li_dit.train is running already (pid \$(cat $REMOTE_PID)); not starting\" \\
+    \"another\"
   exit 0
 fi
 ${ENVIRONMENT}nohup $REMOTE_VENV/bin/python$TRAIN >> $REMOTE_LOG 2>&1 < /dev/null &

@@ -329,7 +329,7 @@ def test_setup_copies_head_to_every_worker_and_installs_it(launch):
   assert f"echo {launch.commit} > ~/li-dit/COMMIT" in command
   assert "python3.11 -m venv ~/li-dit-venv" in command
   assert ("~/li-dit-venv/bin/pip install -q --extra-index-url "
-          "https://download.pytorch.org/whl/cpu -e ~/li-dit'[tpu]'") in command
+          "https://download.pytorch.org/whl/cpu \\\n  -e ~/li-dit'[tpu]'") in command
   with tarfile.open(str(launch.log) + ".scp") as tar:  # What went: the committed tree.
     assert {"launch/train.sh", "configs/li_dit_1b.py"} <= set(tar.getnames())
   assert not os.path.exists(archive)

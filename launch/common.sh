@@ -135,7 +135,7 @@ exists() {
 # parses it: quote values with printf %q).
 on_all_workers() {
   local node
-  for node in "${NODES[@]}"; do
+  for node in ${NODES[@]+"${NODES[@]}"}; do
     gcloud_run compute tpus tpu-vm ssh "$node" --zone="$ZONE" --project="$PROJECT" --worker=all \
       --command="$1"
   done

@@ -46,13 +46,15 @@ PROJECT, ZONE = "my-project", "us-east5-a"
 WHERE = ["--project", PROJECT, "--zone", ZONE]
 AT = [f"--zone={ZONE}", f"--project={PROJECT}"]  # As the scripts pass them to gcloud.
 WORKDIR = "gs://my-bucket/runs/one"
-# Values that break naive quoting: spaces, both quotes, '=', commas, parentheses, '$', '\'.
+# Values that break naive quoting: spaces, both quotes, '=', commas, parentheses, '$', '\',
+# a tab, non-ASCII.
 OVERRIDES = [
     "--config.sample.prompts=('a red cube, left of a \"blue\" ball', \"it's = fine\")",
     "--config.text.llms.llama3.path=/models/Meta Llama 3/8B-Instruct",
     "--config.input.relations=('left','right')",
     "--config.note=a=b,c $HOME `x` \\n",
     "--config.optim.lr=1e-4",
+    "--config.sample.prompts=('un café\trouge',)",
 ]
 
 
@@ -137,10 +139,10 @@ os.rename(os.path.expanduser("~/python_call.tmp"), os.path.expanduser("~/python_
   return home
 
 
-def on_worker(home, command):
+def on_worker(home, command, path=os.environ["PATH"]):
   """Runs an ssh --command string as the worker's login shell would: bash -c, in its home."""
   return subprocess.run(["bash", "-c", command], cwd=home, capture_output=True, text=True,
-                        env={"HOME": str(home), "PATH": os.environ["PATH"]}, timeout=60)
+                        env={"HOME": str(home), "PATH": path}, timeout=60)
 
 
 def command_of(call):
@@ -333,6 +335,51 @@ def test_setup_copies_head_to_every_worker_and_installs_it(launch):
   with tarfile.open(str(launch.log) + ".scp") as tar:  # What went: the committed tree.
     assert {"launch/train.sh", "configs/li_dit_1b.py"} <= set(tar.getnames())
   assert not os.path.exists(archive)
+
+
+# A worker's python3.11 with its venv module: `-m venv DIR` makes DIR/bin/python and a pip that
+# appends its arguments to ~/pip_calls; both calls are counted in ~/venv_calls.
+WORKER_PYTHON = """#!/bin/bash
+if [ "$1 $2" = "-m venv" ]; then
+  echo "$3" >> ~/venv_calls
+  mkdir -p "$3/bin" && touch "$3/bin/python" && chmod +x "$3/bin/python"
+  printf '#!/bin/bash\\necho "$*" >> ~/pip_calls\\n' > "$3/bin/pip" && chmod +x "$3/bin/pip"
+fi
+"""
+
+
+def test_setup_command_unpacks_the_commit_and_installs_it_once_per_worker(launch, tmp_path):
+  _, calls = launch("setup.sh", "--name", "run1", *WHERE)
+  command = command_of(calls[-1])
+  home = tmp_path / "worker"
+  (home / "li-dit" / "stale").mkdir(parents=True)  # From an earlier setup.
+  tools = tmp_path / "tools"
+  tools.mkdir()
+  (tools / "python3.11").write_text(WORKER_PYTHON)
+  (tools / "python3.11").chmod(0o755)
+  path = f"{tools}:{os.environ['PATH']}"
+  for _ in range(2):  # Running it again installs again, into the same venv.
+    shutil.copy(str(launch.log) + ".scp", home / "li-dit.tar.gz")
+    done = on_worker(home, command, path)
+    assert done.returncode == 0, done.stderr
+    assert f"li-dit {launch.commit} installed" in done.stdout
+  assert (home / "li-dit" / "COMMIT").read_text() == f"{launch.commit}\n"
+  assert (home / "li-dit" / "launch" / "train.sh").exists()
+  assert not (home / "li-dit" / "stale").exists() and not (home / "li-dit.tar.gz").exists()
+  assert (home / "venv_calls").read_text() == f"{home}/li-dit-venv\n"
+  install = ["install -q --upgrade pip",
+             f"install -q --extra-index-url https://download.pytorch.org/whl/cpu -e "
+             f"{home}/li-dit[tpu]"]
+  assert (home / "pip_calls").read_text().splitlines() == install * 2
+  # Not under a running training.
+  training = subprocess.Popen(["sleep", "60"])
+  try:
+    (home / "li-dit-train.pid").write_text(f"{training.pid}\n")
+    refused = on_worker(home, command, path)
+  finally:
+    training.kill()
+    training.wait()
+  assert refused.returncode == 1 and "li_dit.train is running; stop it first" in refused.stderr
 
 
 def test_setup_of_a_multi_slice_job_reaches_every_slice(launch):

@@ -5,6 +5,9 @@
                           step encodes every batch online, x0 = normalize(z) with z a draw from
                           the encoder's Gaussian (config.vae.sample_latents) or its mean, under
                           stop_gradient; generation samples latents, denormalizes and decodes them.
+                          A dataset of latents (tools/encode_latents.py, li_dit.latent_cache)
+                          holds the encoder's Gaussians instead of images: the step draws z from
+                          them the same way, so cached and online runs see the same x0.
 
 `config.input.image_size` and `config.input.buckets` are pixels either way; the DiT sees
 [B, H/f, W/f, model.channels] (f = 1 in pixel space). Like the frozen LLMs, the VAE's parameters
@@ -23,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from li_dit import config_lib
+from li_dit.data import records
 from li_dit.io import diffusers_vae
 from li_dit.models import vae as vae_lib
 from li_dit.parallel import sharding
@@ -65,17 +69,34 @@ class ImageSpace:
       return {}
     return nn.get_partition_spec(diffusers_vae.expected_params(self.vae.config))
 
+  def moments(self, frozen: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pure and jit-able: uint8 images [B,H,W,3] -> the encoder's (mean, logvar), float32
+    [B,H/f,W/f,C] each, unnormalised (what a dataset of latents stores). Latent space only."""
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    return vae_lib.encode(self.vae, frozen, x.astype(self.vae.dtype))
+
+  def from_moments(self, mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Array:
+    """The encoder's Gaussians [B,h,w,C] -> x0 float32 [B,h,w,C]: normalize(a draw from them, or
+    their mean), with no gradient. `rng` draws the sample."""
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    z = vae_lib.sample(rng, mean, logvar) if self.sample_latents else mean
+    return jax.lax.stop_gradient(self.vae.config.normalize(z))
+
   def encode(self, frozen: Any, images: jax.Array, rng: jax.Array) -> jax.Array:
     """Pure and jit-able: uint8 images [B,H,W,3] -> x0 float32 [B,H/f,W/f,C] (no gradient).
 
     `rng` draws the latent sample; unused in pixel space and for the mean.
     """
-    x = images.astype(jnp.float32) / 127.5 - 1.0
     if self.vae is None:
-      return x
-    mean, logvar = vae_lib.encode(self.vae, frozen, x.astype(self.vae.dtype))
-    z = vae_lib.sample(rng, mean, logvar) if self.sample_latents else mean
-    return jax.lax.stop_gradient(self.vae.config.normalize(z))
+      return images.astype(jnp.float32) / 127.5 - 1.0
+    return self.from_moments(*self.moments(frozen, images), rng)
+
+  def x0(self, frozen: Any, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
+    """x0 [B,h,w,C] of a data batch: its images encoded, or its cached latents
+    (records.LATENT_MEAN, records.LATENT_LOGVAR) drawn from with the same `rng`."""
+    if records.LATENT_MEAN in batch:
+      return self.from_moments(batch[records.LATENT_MEAN], batch[records.LATENT_LOGVAR], rng)
+    return self.encode(frozen, batch["image"], rng)
 
   def decode(self, frozen: Any, x: jax.Array) -> jax.Array:
     """Pure and jit-able: the DiT's outputs [B,h,w,C] -> float32 images [B,h*f,w*f,3], about

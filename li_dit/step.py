@@ -45,7 +45,7 @@ def make_train_step(model, conditioner: conditioning.TextConditioner, space: lat
     # Three keys, not a fold_in for the latent draw: fold_in(k, 1) is split(k, 2)[1]. The first
     # two of split(k, 3) are split(k, 2)'s, so pixel-space runs draw what they always drew.
     rng_t, rng_noise, rng_latent = jax.random.split(jax.random.fold_in(base_rng, state.step), 3)
-    x0 = space.encode(frozen["vae"], batch["image"], rng_latent)
+    x0 = space.x0(frozen["vae"], batch, rng_latent)
     text = conditioner.features(frozen["text"], batch)
     t = flow.sample_time(rng_t, x0.shape[0], config.flow.t_mean, config.flow.t_std, shift)
     noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from li_dit import config_lib
 from li_dit import flops as flops_lib
 from li_dit import generate
+from li_dit import latent_cache
 from li_dit import latents
 from li_dit import metrics as metrics_lib
 from li_dit import step as step_lib
@@ -116,6 +117,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   mesh = step_lib.make_mesh(config)
   # Before any LLM is loaded or anything compiled.
   rules = step_lib.check_batch_divides(config, mesh)
+  # A dataset of latents must have been encoded by the config's VAE, at its buckets.
+  data_latents = latent_cache.dataset_metadata(config.input)
+  if data_latents is not None:
+    latent_cache.check_dataset(config, data_latents)
   # Pixels, or a frozen VAE (checked against the config before its weights are read).
   space = latents.from_config(config, mesh, rules)
   # The frozen text side: LLMs (loaded straight into their shards), their instruction prefixes,

@@ -151,7 +151,6 @@ def write_rotted_dataset(data_dir: str, name: str, num: int, rotten: int) -> lis
   """A TFDS dataset of `num` grey 40x40 JPEGs captioned "grey <i>", as build_dataset writes it,
   whose record `rotten` was cut in half afterwards (a file that rotted on disk). Returns the
   captions."""
-  from array_record.python import array_record_module
   from li_dit.data import build, records
   directory = build.dataset_dir(data_dir, name, "1.0.0")
   directory.mkdir(parents=True)
@@ -159,12 +158,10 @@ def write_rotted_dataset(data_dir: str, name: str, num: int, rotten: int) -> lis
              for i in range(num)]
   encoded[rotten] = encoded[rotten][:len(encoded[rotten]) // 2]
   spec = records.features()
-  writer = array_record_module.ArrayRecordWriter(
-      str(build.shard_path(directory, name, 0, 1)), "group_size:1")
-  for i, data in enumerate(encoded):
-    writer.write(spec.serialize_example({"image": data, "width": 40, "height": 40,
-                                         "captions": [f"grey {i}"], "key": str(i)}))
-  writer.close()
-  build.write_metadata(directory, name, "1.0.0", [num], sum(map(len, encoded)),
+  examples = [({"image": data, "width": 40, "height": 40, "captions": [f"grey {i}"],
+                "key": str(i)}, 0) for i, data in enumerate(encoded)]
+  counts = build.write_shard(build.shard_path(directory, name, 0, 1), lambda _: iter(examples),
+                             spec)
+  build.write_metadata(directory, name, "1.0.0", spec, [num], counts["num_bytes"],
                        [(40, 40)] * num)
   return [f"grey {i}" for i in range(num)]

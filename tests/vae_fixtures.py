@@ -10,10 +10,11 @@ TINY_FLUX = dict(block_out_channels=(16, 16, 16), layers_per_block=1, latent_cha
                  shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def save_tiny_vae(folder: str, **overrides) -> str:
-  """Writes a random AutoencoderKL (TINY_FLUX, with `overrides`) to `folder` as diffusers does
-  (config.json + diffusion_pytorch_model.safetensors); returns `folder`."""
-  torch.manual_seed(0)
+def save_tiny_vae(folder: str, seed: int = 0, **overrides) -> str:
+  """Writes a random AutoencoderKL (TINY_FLUX, with `overrides`; weights drawn from `seed`) to
+  `folder` as diffusers does (config.json + diffusion_pytorch_model.safetensors); returns
+  `folder`."""
+  torch.manual_seed(seed)
   diffusers.AutoencoderKL(**{**TINY_FLUX, **overrides}).save_pretrained(
       folder, safe_serialization=True)
   return folder

@@ -20,6 +20,7 @@ classes because grain pickles them into its worker processes.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -38,9 +39,11 @@ REASONS = records.REASONS
 
 
 class TfdsSource:
-  """Records of a dataset built by tools/build_dataset.py, as {"image": bytes, "captions"}.
+  """Records of a dataset built by tools/build_dataset.py, as {"image": bytes, "captions", "key"};
+  or of a dataset of latents (tools/encode_latents.py), as {"latent_mean", "latent_logvar",
+  "captions", "key"}.
 
-  Opened lazily (in each worker process) through `tfds.data_source`, images left encoded.
+  Opened lazily (in each worker process) through TFDS, images left encoded.
   """
 
   def __init__(self, name: str, data_dir: str, split: str = "train"):
@@ -52,8 +55,10 @@ class TfdsSource:
     if self._source is None:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       try:
-        sources = tfds.data_source(self.name, data_dir=self.data_dir,
-                                   decoders={"image": tfds.decode.SkipDecoding()})
+        builder = tfds.builder(self.name, data_dir=self.data_dir)
+        decoders = ({"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features
+                    else None)
+        sources = builder.as_data_source(decoders=decoders)
       except Exception as e:  # TFDS raises several types for a missing or broken dataset.
         raise ValueError(f"config.input: cannot open TFDS dataset {self.name!r} in "
                          f"{self.data_dir!r} (built by tools/build_dataset.py?): {e}") from e
@@ -67,17 +72,31 @@ class TfdsSource:
     return self.num_records
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self._open()[int(index)]
-    return {"image": record["image"],
-            "captions": [c.decode("utf-8") if isinstance(c, bytes) else c
-                         for c in record["captions"]]}
+    record = dict(self._open()[int(index)])
+    for size in ("width", "height"):  # In sizes(), for bucketing.
+      record.pop(size, None)
+    record["captions"] = [c.decode("utf-8") if isinstance(c, bytes) else c
+                          for c in record["captions"]]
+    if isinstance(record.get("key"), bytes):
+      record["key"] = record["key"].decode("utf-8")
+    return record
+
+  @property
+  def directory(self) -> epath.Path:
+    """The dataset's folder (data_dir/name/version): shards and metadata."""
+    return epath.Path(str(self._open().dataset_info.data_dir))
+
+  def read_json(self, filename: str) -> Any:
+    """The JSON file `filename` of the dataset's folder, or None when it has none."""
+    path = self.directory / filename
+    return json.loads(path.read_text()) if path.exists() else None
 
   def sizes(self) -> np.ndarray:
     """int32 [N,2] (width, height) of every record, in the dataset's order.
 
     build_dataset writes them next to the shards, so bucketing reads no image.
     """
-    path = epath.Path(str(self._open().dataset_info.data_dir)) / "sizes.npy"
+    path = self.directory / "sizes.npy"
     if not path.exists():
       raise ValueError(f"{path} is missing: rebuild the dataset with tools/build_dataset.py")
     if records.is_remote(path):  # gs:// and other remote files are read whole.
@@ -280,7 +299,8 @@ class BucketBatches:
 class LoadBatch(grain.transforms.Map):
   """Local batch index -> this host's rows of the global batch, decoded, as numpy arrays.
 
-  Images stay uint8 on the host (4x fewer bytes to move); the train step scales them.
+  Images stay uint8 on the host (4x fewer bytes to move); the train step scales them. Records of
+  a dataset of latents give their latents in place of the image.
   """
 
   def __init__(self, source, batches: BucketBatches, shapes_hw: Sequence[tuple[int, int]],
@@ -299,32 +319,39 @@ class LoadBatch(grain.transforms.Map):
     epoch, bucket, indices = self.batches(self.start_batch + int(local_index))
     height, width = self.shapes_hw[bucket]
     rows = indices[self.rows]
-    pixels, captions, skipped = [], [], np.zeros((len(rows), len(REASONS)), np.int32)
+    examples, captions, skipped = [], [], np.zeros((len(rows), len(REASONS)), np.int32)
     for row, index in enumerate(rows):
       record = self.source[index]
       try:
-        image = record["image"]
-        if isinstance(image, bytes):
-          image = images.decode_rgb(image, self.min_size)
-        pixels.append(images.resize_center_crop(image, height, width))
+        examples.append(self._example(record, height, width))
       except images.BadInput as e:
         skipped[row, REASONS.index(e.reason)] = 1
-        pixels.append(None)
+        examples.append(None)
       # Caption choice and dropout draw from (seed, epoch, record): host- and worker-independent.
       rng = np.random.default_rng([self.batches.seed, epoch, int(index)])
       caption = record["captions"][rng.integers(len(record["captions"]))]
       captions.append("" if rng.random() < self.caption_dropout else caption)
-    good = [i for i, p in enumerate(pixels) if p is not None]
+    good = [i for i, x in enumerate(examples) if x is not None]
     if not good:
       raise ValueError(f"every record of a batch failed to decode (records {rows.tolist()}): "
                        "is the dataset readable?")
-    for i, p in enumerate(pixels):
-      if p is None:  # Replaced by the next good row (cyclically), image and caption.
+    for i, x in enumerate(examples):
+      if x is None:  # Replaced by the next good row (cyclically), image and caption.
         j = min((g for g in good if g > i), default=good[0])
-        pixels[i], captions[i] = pixels[j], captions[j]
+        examples[i], captions[i] = examples[j], captions[j]
     text = [self.text_transform(c) for c in captions]
-    return {"image": np.stack(pixels), "skipped": skipped,
+    return {**{k: np.stack([x[k] for x in examples]) for k in examples[0]}, "skipped": skipped,
             **{k: np.stack([t[k] for t in text]) for k in text[0]}}
+
+  def _example(self, record: dict[str, Any], height: int, width: int) -> dict[str, np.ndarray]:
+    """A record's image, decoded and fitted to height x width: {"image": uint8 [h,w,3]}; or its
+    cached latents (encoded at that size), as they are. Raises images.BadInput."""
+    if records.LATENT_MEAN in record:
+      return {k: record[k] for k in (records.LATENT_MEAN, records.LATENT_LOGVAR)}
+    image = record["image"]
+    if isinstance(image, bytes):
+      image = images.decode_rgb(image, self.min_size)
+    return {"image": images.resize_center_crop(image, height, width)}
 
 
 def make_train_dataset(input_config: ml_collections.ConfigDict,

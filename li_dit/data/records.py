@@ -8,6 +8,9 @@ pipeline and `tfds.data_source(name, data_dir=...)` read the same thing. One rec
   captions  one or more cleaned captions
   key       where the example came from (file path, table row, tar member)
 
+A dataset of latents (tools/encode_latents.py, li_dit.latent_cache) has LATENT_MEAN and
+LATENT_LOGVAR in place of image: the encoder's Gaussian of the image fitted to its bucket.
+
 Inputs (`iter_items`): a folder of images with sidecar `.txt`/`.json` captions, a JSONL, CSV or
 Parquet table of image paths and captions, or WebDataset tar shards. Every path may be `gs://`.
 """
@@ -33,6 +36,8 @@ CAPTION_NOT_UTF8 = "caption_not_utf8"
 MISSING_IMAGE = "missing_image"  # a table row or a tar key without its image
 REASONS = images.IMAGE_REASONS + (MISSING_CAPTION, EMPTY_CAPTION, CAPTION_NOT_UTF8,
                                   MISSING_IMAGE)
+
+LATENT_MEAN, LATENT_LOGVAR = "latent_mean", "latent_logvar"  # float [H/f, W/f, C] each.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTENSIONS = (".jsonl", ".csv", ".parquet")

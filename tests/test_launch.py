@@ -5,7 +5,9 @@ call; that re-running over what exists (or is gone) changes nothing; that --dry-
 a real run does; and, by running the ssh command strings in a local bash as a worker's login
 shell would, that li_dit.train receives --config.a.b=v overrides exactly as given. The scripts
 run from a copy of launch/ and configs/ committed to a scratch git repository (setup.sh archives
-HEAD; train.sh wants the config committed).
+HEAD; train.sh wants the config committed). What the scripts rely on from li_dit.train on a
+pod (joining without flags where JAX detects a cluster, process 0 alone writing the run's files,
+SIGTERM stopping every process after the same step) is tests/test_distributed.py's.
 """
 import json
 import os

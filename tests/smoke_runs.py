@@ -14,9 +14,11 @@ import orbax.checkpoint as ocp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def command(workdir: str, mesh: dict[str, int], *overrides: str) -> list[str]:
-  """The smoke config logging every step, on `mesh`, with `--config.…` overrides."""
-  return [sys.executable, "-m", "li_dit.train", "--config", "configs/demo.py:smoke",
+def command(workdir: str, mesh: dict[str, int], *overrides: str,
+            config: str = "configs/demo.py:smoke") -> list[str]:
+  """`config` (default: the smoke config) logging every step, on `mesh`, with `--config.…`
+  overrides."""
+  return [sys.executable, "-m", "li_dit.train", "--config", config,
           "--workdir", workdir, "--config.log_every=1",
           *(f"--config.mesh.{axis}={size}" for axis, size in mesh.items()), *overrides]
 

@@ -5,6 +5,7 @@ a rerun; a config that does not fit the dataset fails before anything loads; and
 cached latents logs the losses of the online run."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -165,21 +166,41 @@ def test_a_config_that_does_not_fit_the_dataset_fails_before_loading(
   assert str(error.value).startswith(message), error.value
 
 
+def _run(workdir: str, vae_folder: str, name: str, data: str, processes: int = 1) -> np.ndarray:
+  """latent_smoke on dataset `name` for 6 steps, in `processes` processes of one device each
+  (mesh data=processes); returns the losses."""
+  command = smoke_runs.command(
+      workdir, dict(data=processes), f"--config.vae.path={vae_folder}",
+      "--config.input.source=tfds", f"--config.input.tfds_name={name}",
+      f"--config.input.data_dir={data}", "--config.total_steps=6", "--config.sample_every=6",
+      config="configs/demo.py:latent_smoke")
+  if processes > 1:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      command += ["--coordinator_address", f"127.0.0.1:{s.getsockname()[1]}",
+                  "--num_processes", str(processes)]
+  procs = [subprocess.Popen(command + (["--process_id", str(i)] if processes > 1 else []),
+                            cwd=smoke_runs.REPO, env=smoke_runs.environment(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  for i, p in enumerate(procs):
+    _, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
+  assert os.path.exists(os.path.join(workdir, "samples", "step_6.png"))
+  return smoke_runs.losses(workdir)
+
+
 @pytest.mark.slow
-def test_a_run_on_cached_latents_logs_the_losses_of_online_encoding(data, vae_folder, tmp_path):
-  """The same batches and draws: online encoding of shapes_px and shapes_f32's float32 latents
-  give the same losses, step by step, up to float rounding."""
-  losses = {}
+def test_cached_latents_and_two_processes_log_the_losses_of_online_encoding(
+    data, vae_folder, tmp_path):
+  """The same batches and draws: shapes_f32's float32 latents train as online encoding of
+  shapes_px does, step by step, up to float rounding; so do 2 processes (each encoding its half
+  of every batch with its own copy of the VAE, or reading its half of the latents)."""
+  online = _run(str(tmp_path / "online"), vae_folder, "shapes_px", data)
+  assert len(online) == 6 and np.all(np.isfinite(online))
+  np.testing.assert_allclose(_run(str(tmp_path / "cached"), vae_folder, "shapes_f32", data),
+                             online, rtol=1e-4)
   for name in ("shapes_px", "shapes_f32"):
-    workdir = str(tmp_path / name)
-    result = subprocess.run(
-        [sys.executable, "-m", "li_dit.train", "--config", "configs/demo.py:latent_smoke",
-         "--workdir", workdir, "--config.log_every=1", f"--config.vae.path={vae_folder}",
-         "--config.input.source=tfds", f"--config.input.tfds_name={name}",
-         f"--config.input.data_dir={data}", "--config.total_steps=6", "--config.sample_every=6"],
-        cwd=smoke_runs.REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses[name] = smoke_runs.losses(workdir)
-    assert os.path.exists(os.path.join(workdir, "samples", "step_6.png"))
-  assert len(losses["shapes_px"]) == 6
-  np.testing.assert_allclose(losses["shapes_f32"], losses["shapes_px"], rtol=1e-4)
+    smoke_runs.assert_losses_close(
+        _run(str(tmp_path / f"two_{name}"), vae_folder, name, data, processes=2), online,
+        f"2 processes on {name}")

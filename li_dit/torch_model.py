@@ -186,7 +186,7 @@ class Attention(nn.Module):
     super().__init__()
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-    self.num_heads, self.head_dim = num_heads, width // num_heads
+    self.num_heads, self.head_dim, self.qk_norm = num_heads, width // num_heads, qk_norm
     if cross:
       self.q = nn.Linear(width, width)
       self.kv = nn.Linear(width, 2 * width)
@@ -206,7 +206,7 @@ class Attention(nn.Module):
     else:
       q = self.q(x).view(*x.shape[:2], *heads)
       k, v = self.kv(context).view(*context.shape[:2], 2, *heads).unbind(dim=2)
-    if hasattr(self, "q_norm"):
+    if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     return self.out(dot_product_attention(q, k, v, kv_mask).flatten(2))
 
@@ -369,10 +369,6 @@ class LIDiT(nn.Module):
       self.collaborative_refiner = CollaborativeRefiner(arch)
     self.dit = DiT(arch)
 
-  @property
-  def dtype(self) -> torch.dtype:
-    return self.dit.patch_embed.weight.dtype
-
   def forward(self, x: torch.Tensor, t: torch.Tensor, text: Sequence[TextFeatures]
               ) -> torch.Tensor:
     """x [B,C,H,W] noisy input, t [B] in [0, 1] (1 = noise), text: one TextFeatures per LLM
@@ -383,8 +379,8 @@ class LIDiT(nn.Module):
     t_emb = self.t_embedder(t)
     tokens, masks, conds = [], [], []
     for refiner, feats in zip(self.token_refiners, text):
-      full, mask = feats.with_prefix()
-      refined, c = refiner(full.to(self.dtype), mask, t_emb)
+      full, mask = feats.with_prefix()  # In the LLM's dtype: input_norm works in float32.
+      refined, c = refiner(full, mask, t_emb)
       tokens.append(refined)
       masks.append(mask)
       conds.append(c)

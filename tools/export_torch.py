@@ -87,8 +87,10 @@ def restore_params(workdir: str, step: int | None, ema: bool
 def torch_name(path: tuple[str, ...]) -> str:
   """A Flax parameter path -> its name in li_dit.torch_model.LIDiT's state_dict.
 
-  ("token_refiner_0", "block_1", "attn", "qkv", "kernel") -> "token_refiners.0.blocks.1.attn.qkv.weight";
-  ("collaborative_refiner", "branch_1_mlp", ...) -> "collaborative_refiner.branches.1.mlp...".
+  ("token_refiner_0", "block_1", "attn", "qkv", "kernel")
+      -> "token_refiners.0.blocks.1.attn.qkv.weight";
+  ("collaborative_refiner", "branch_1_mlp", "fc1", "bias")
+      -> "collaborative_refiner.branches.1.mlp.fc1.bias".
   """
   name = ".".join(path)
   name = re.sub(r"token_refiner_(\d+)", r"token_refiners.\1", name)

@@ -327,7 +327,7 @@ class DiT(nn.Module):
 
   def __init__(self, arch: Architecture):
     super().__init__()
-    self.patch_size, self.channels = arch.patch_size, arch.channels
+    self.patch_size = arch.patch_size
     patch_dim = arch.patch_size ** 2 * arch.channels
     self.patch_embed = nn.Linear(patch_dim, arch.width)
     self.pos_embed = PositionResBlock(arch.width, arch.pos_kernel_size)
@@ -388,7 +388,7 @@ class LIDiT(nn.Module):
       tokens = self.collaborative_refiner(tokens, masks, conds)
     # Instruction tokens were kept through both refiners; the DiT reads the prompt part only.
     prefix_lens = [feats.prefix.shape[0] for feats in text]
-    text_tokens = torch.cat([t[:, p:] for t, p in zip(tokens, prefix_lens)], dim=1)
+    text_tokens = torch.cat([branch[:, p:] for branch, p in zip(tokens, prefix_lens)], dim=1)
     text_mask = torch.cat([m[:, p:] for m, p in zip(masks, prefix_lens)], dim=1)
     return self.dit(x, t_emb, text_tokens, text_mask)
 

@@ -9,11 +9,11 @@ training), scored by li_dit.data.shapes_score for colour, count, shape and posit
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from li_dit import config_lib
 from li_dit import generate
@@ -63,14 +63,14 @@ def main(argv):
   start = time.perf_counter()
   report, images = evaluate_shapes(generator, params, prompts, _SAMPLES.value, _SEED.value,
                                    steps, cfg, sampler, _BATCH.value)
-  report = {"benchmark": _BENCHMARK.value, "workdir": os.path.abspath(_WORKDIR.value),
+  report = {"benchmark": _BENCHMARK.value, "workdir": _WORKDIR.value,
             "checkpoint_step": step, "ema": _EMA.value, "steps": steps, "cfg": cfg,
             "sampler": sampler, "seed": _SEED.value, "num_prompts": len(prompts),
             "samples_per_prompt": _SAMPLES.value,
             "seconds": round(time.perf_counter() - start, 1), **report}
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
+  out = epath.Path(_OUT.value)  # Local or gs://.
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=2))
   if _GRID.value:
     generate.save_grid(images[::_SAMPLES.value], _GRID.value, scale=4)
   for key, value in report.items():

@@ -8,8 +8,8 @@ DiT's space; in a VAE's latent space its result is decoded to pixels (li_dit.lat
 from __future__ import annotations
 
 import functools
+import io
 import math
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from li_dit import latents
@@ -124,8 +125,11 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: 
   pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
   if scale > 1:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  pil.save(path)
+  path = epath.Path(path)  # Local or gs://.
+  buffer = io.BytesIO()
+  pil.save(buffer, Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
 
 
 def load_run(workdir: str, step: int | None = None, ema: bool = True

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -109,10 +110,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   """Runs (or resumes) training to config.total_steps. Returns the final state."""
   config_lib.validate(config)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  # Local or on an object store (gs://): every file of the run goes through epath.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
 
   mesh = step_lib.make_mesh(config)
   # Before any LLM is loaded or anything compiled.

@@ -25,6 +25,7 @@ from etils import epath
 
 from li_dit.data import images
 from li_dit.data import records
+from li_dit.io import paths
 
 SPLIT = "train"
 
@@ -37,20 +38,6 @@ def dataset_dir(out: str, name: str, version: str) -> epath.Path:
 def shard_path(directory: epath.Path, name: str, index: int, num_shards: int) -> epath.Path:
   """TFDS's file name of shard `index`."""
   return directory / f"{name}-{SPLIT}.array_record-{index:05d}-of-{num_shards:05d}"
-
-
-def _publish(local: str, target: epath.Path) -> None:
-  """Puts a finished local file at `target` such that `target` never exists half-written.
-
-  An object store's upload is atomic (the object appears whole or not at all) and has no cheap
-  rename; a local file is copied under a temporary name and renamed.
-  """
-  if records.is_remote(target):
-    epath.Path(local).copy(target, overwrite=True)
-  else:
-    tmp = epath.Path(f"{target}.tmp")
-    epath.Path(local).copy(tmp, overwrite=True)
-    tmp.rename(target)
 
 
 Examples = Iterator[tuple[dict[str, Any], int]]
@@ -86,11 +73,11 @@ def write_shard(path: epath.Path, examples: Callable[[collections.Counter], Exam
       counts["num_bytes"] += len(data)
       counts["captions_truncated"] += truncated
     writer.close()
-    _publish(local, path)
+    paths.publish(local, path)
     counts["skipped"] = dict(skipped)
     with open(os.path.join(tmp, "counts.json"), "w") as f:
       json.dump(counts, f)
-    _publish(os.path.join(tmp, "counts.json"), counts_path)
+    paths.publish(os.path.join(tmp, "counts.json"), counts_path)
   return counts
 
 

@@ -33,6 +33,7 @@ from etils import epath
 from li_dit.data import images
 from li_dit.data import records
 from li_dit.data import shapes
+from li_dit.io import paths
 
 SOURCES = ("shapes", "tfds")
 REASONS = records.REASONS
@@ -99,7 +100,7 @@ class TfdsSource:
     path = self.directory / "sizes.npy"
     if not path.exists():
       raise ValueError(f"{path} is missing: rebuild the dataset with tools/build_dataset.py")
-    if records.is_remote(path):  # gs:// and other remote files are read whole.
+    if paths.is_remote(path):  # gs:// and other remote files are read whole.
       with path.open("rb") as f:
         sizes = np.load(f)
     else:  # Local: mapped, so bucketing a billion records never holds 8 GB of sizes.

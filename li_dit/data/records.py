@@ -141,11 +141,6 @@ def make_example(item: Item, min_size: int = 1, max_pixels: int = images.DEFAULT
 
 # -- input formats --------------------------------------------------------------------------------
 
-def is_remote(path: str | epath.Path) -> bool:
-  """True for an object-store path (gs://, s3://, ...), False for a local one."""
-  return "://" in str(path)
-
-
 def input_format(path: str) -> str:
   """"folder", "table" or "webdataset", from the path."""
   p = epath.Path(path)

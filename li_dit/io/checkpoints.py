@@ -19,6 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from li_dit import config_lib
+from li_dit.io import paths
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 
@@ -28,7 +29,9 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+  """<workdir>/checkpoints, absolute (orbax wants it so); gs:// paths as they are."""
+  path = os.path.join(workdir, "checkpoints")
+  return path if paths.is_remote(path) else os.path.abspath(path)
 
 
 class Checkpointer:
@@ -40,7 +43,7 @@ class Checkpointer:
     handlers["config"] = ocp.JsonCheckpointHandler()
     handlers["counters"] = ocp.JsonCheckpointHandler()
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(checkpoint_dir(workdir)),
+        checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
                                              create=True),

@@ -12,16 +12,20 @@ classifier-free-guidance null condition is the empty prompt "" through the same 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import PartitionSpec
 
+from li_dit.io import paths
 from li_dit.models.li_dit import TextFeatures
 from li_dit.text import encoders as encoders_lib
 from li_dit.text import prompts as prompts_lib
@@ -127,11 +131,11 @@ class TextConditioner:
     self.captions = captions
     for name, enc in self.encoders.items():
       path = None
-      if cache_dir:
+      if cache_dir:  # Local or gs://.
         key = hashlib.sha256(json.dumps([enc.cache_key(), captions]).encode()).hexdigest()[:16]
-        path = os.path.join(cache_dir, f"{name}-{key}.npz")
-        if os.path.exists(path):
-          with np.load(path) as f:
+        path = epath.Path(cache_dir) / f"{name}-{key}.npz"
+        if path.exists():
+          with np.load(io.BytesIO(path.read_bytes())) as f:
             self.tables[name] = (jnp.asarray(f["tokens"]), jnp.asarray(f["mask"]))
           logging.info("text features of %d captions for %s loaded from %s", len(captions),
                        name, path)
@@ -140,10 +144,11 @@ class TextConditioner:
           {name: enc}, ONLINE, self._batch_size).encode_prompts(captions)[0]
       self.tables[name] = (feats.tokens, feats.mask)
       if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, tokens=np.asarray(feats.tokens), mask=np.asarray(feats.mask))
-        os.replace(tmp, path)  # Never leave a half-written table under the final name.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+          local = os.path.join(tmp, "table.npz")
+          np.savez(local, tokens=np.asarray(feats.tokens), mask=np.asarray(feats.mask))
+          paths.publish(local, path)  # Never a half-written table under the final name.
 
   # -- device side ------------------------------------------------------------------------------
   def frozen(self) -> dict[str, Any]:

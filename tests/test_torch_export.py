@@ -7,7 +7,6 @@ One trained run per config, shared by the module's tests: the default suite trai
 smoke config for 4 steps; the two-LLM and latent runs, the pipelines and the fresh environment
 are slow.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 import vae_fixtures
 from li_dit import generate
 from li_dit import torch_model
+from li_dit.io import torch_export
 from li_dit.models import li_dit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,16 +33,6 @@ STEPS = 4  # Checkpoints at 2 and 4: enough to pick a step, and weights that lef
 PROMPTS = ["a red circle to the left of a blue square", "two purple squares", "a green triangle"]
 # The bound of the issue: the PyTorch denoiser's float32 output against the JAX model's.
 PARITY_ATOL = 1e-4
-
-
-def _load_tool():
-  spec = importlib.util.spec_from_file_location("export_torch", TOOL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-export_torch = _load_tool()
 
 
 def _train(workdir: str, variant: str, *overrides: str) -> str:
@@ -85,7 +75,7 @@ def two_llm_export(tmp_path_factory) -> tuple[str, str]:
   """(workdir, export folder) of the two-LLM smoke config."""
   workdir = _train(str(tmp_path_factory.mktemp("two_llm_run")), "two_llms_smoke")
   out = str(tmp_path_factory.mktemp("two_llm_export"))
-  export_torch.export(workdir, out)
+  torch_export.export(workdir, out)
   return workdir, out
 
 
@@ -95,7 +85,7 @@ def latent_export(tmp_path_factory) -> tuple[str, str]:
   workdir = _train(str(tmp_path_factory.mktemp("latent_run")), "latent_smoke",
                    f"--config.vae.path={vae}")
   out = str(tmp_path_factory.mktemp("latent_export"))
-  export_torch.export(workdir, out)
+  torch_export.export(workdir, out)
   return workdir, out
 
 
@@ -129,7 +119,7 @@ def _torch_velocity(model: torch_model.LIDiT, x, t, feats) -> np.ndarray:
 
 def _parity(workdir: str, out: str) -> float:
   """max |torch - JAX| of the exported denoiser and of the checkpoint it came from."""
-  config, params, _ = export_torch.restore_params(workdir, None, ema=False)
+  config, params, _ = torch_export.restore_params(workdir, None, ema=False)
   model = torch_model.LIDiT.from_pretrained(out)
   arch = model.arch
   # Any size the patch divides: the model has no fixed resolution. A 4x4 token grid.
@@ -196,7 +186,7 @@ def test_random_weights_match_jax(scan_layers, llm_widths, pos_kernel_size):
       tree, [(0.1 * rng.standard_normal(leaf.shape)).astype(np.float32) for leaf in leaves])
   torch_lidit = torch_model.LIDiT(arch)
   torch_lidit.load_state_dict({k: torch.from_numpy(v)
-                               for k, v in export_torch.torch_state_dict(params).items()})
+                               for k, v in torch_export.torch_state_dict(params).items()})
   want = _jax_velocity(model, params, x, t, feats)
   diff = float(np.abs(_torch_velocity(torch_lidit, x, t, feats) - want).max())
   print(f"random weights, {len(llm_widths)} LLMs: max |torch - JAX| = {diff:.3g} "
@@ -231,10 +221,10 @@ def test_torch_side_does_not_import_jax():
 
 
 def test_ema_and_step_choose_what_is_exported(smoke_run, tmp_path):
-  config = export_torch.export(smoke_run, str(tmp_path), step=STEPS // 2, ema=True)
+  config = torch_export.export(smoke_run, str(tmp_path), step=STEPS // 2, ema=True)
   assert config["source"] == dict(workdir=smoke_run, step=STEPS // 2, params="ema_params")
-  _, ema, _ = export_torch.restore_params(smoke_run, STEPS // 2, ema=True)
-  want = export_torch.torch_state_dict(ema)
+  _, ema, _ = torch_export.restore_params(smoke_run, STEPS // 2, ema=True)
+  want = torch_export.torch_state_dict(ema)
   got = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
   assert got.keys() == want.keys()
   for name, value in want.items():
@@ -242,7 +232,7 @@ def test_ema_and_step_choose_what_is_exported(smoke_run, tmp_path):
 
 
 def test_bfloat16_export_loads_and_runs(smoke_run, smoke_export, tmp_path):
-  export_torch.export(smoke_run, str(tmp_path), dtype="bfloat16")
+  torch_export.export(smoke_run, str(tmp_path), dtype="bfloat16")
   model = torch_model.LIDiT.from_pretrained(str(tmp_path))
   assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
   x, t, feats = _inputs(model.arch.llm_widths, 16, 3)
@@ -261,7 +251,7 @@ def test_missing_step_names_the_available_ones(smoke_run, tmp_path):
   assert f"available steps: [{STEPS // 2}, {STEPS}]" in result.stderr
   assert not os.path.exists(tmp_path / "out")
   with pytest.raises(Exception, match="no checkpoints in /nonexistent/run"):
-    export_torch.export("/nonexistent/run", str(tmp_path / "out"))
+    torch_export.export("/nonexistent/run", str(tmp_path / "out"))
 
 
 def _copy(export: str, tmp_path) -> str:
@@ -364,7 +354,7 @@ def test_fresh_venv_runs_the_standalone_module(smoke_run, smoke_export, tmp_path
   standalone.mkdir()
   shutil.copy(os.path.join(REPO, "li_dit", "torch_model.py"), standalone)
 
-  config, params, _ = export_torch.restore_params(smoke_run, None, ema=False)
+  config, params, _ = torch_export.restore_params(smoke_run, None, ema=False)
   x, t, feats = _inputs((576,), 16, 3)
   want = _jax_velocity(generate.build_model(config, 1), params, x, t, feats)
   (prefix, tokens, mask), = feats

@@ -140,3 +140,19 @@ on_all_workers() {
       --command="$1"
   done
 }
+
+# The flags of a script that acts on an existing job: the common ones and --queued. Sets QUEUED
+# (1 also for several slices, which are always one queued resource) and checks the flags.
+parse_flags_and_queued() {
+  QUEUED=0
+  split_equals "$@"
+  set -- ${ARGS[@]+"${ARGS[@]}"}
+  while (($#)); do
+    case $1 in
+      --queued) QUEUED=1; shift ;;
+      *) common_flag "$@"; shift "$SHIFT" ;;
+    esac
+  done
+  check_common
+  ((SLICES == 1)) || QUEUED=1
+}

@@ -12,18 +12,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
-QUEUED=0
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while (($#)); do
-  case $1 in
-    --queued) QUEUED=1; shift ;;
-    *) common_flag "$@"; shift "$SHIFT" ;;
-  esac
-done
-
-check_common
-((SLICES == 1)) || QUEUED=1
+parse_flags_and_queued "$@"
 LOCATION=(--zone="$ZONE" --project="$PROJECT")
 if ((QUEUED)); then
   # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE (its TPU VMs exist), FAILED, SUSPENDED, ...

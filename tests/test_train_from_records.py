@@ -47,7 +47,9 @@ def _train_on(tmp_path, name, data_dir, *overrides):
   return metrics
 
 
-@pytest.mark.slow  # ~45 s; the default suite trains from built datasets in the tests below.
+# The runs here take 45-110 s each: slow, as the default suite must stay within 15 minutes on 2
+# cores (it reads built datasets in test_pipeline, test_cloud_paths and test_latent_cache).
+@pytest.mark.slow
 def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
   data, summary = _build(tmp_path, "shapes", "shapes_disk", "--num", "96")
   assert summary["written"] == 96 and summary["skipped_total"] == 0
@@ -55,6 +57,7 @@ def test_smoke_trains_from_the_shapes_source_on_disk(tmp_path):
   assert all(m["skipped/unreadable_image"] == 0 and m["skipped_total"] == 0 for m in metrics)
 
 
+@pytest.mark.slow
 def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line_across_a_resume(tmp_path):
   data = str(tmp_path / "data")
   fx.write_rotted_dataset(data, "rotted", num=16, rotten=3)
@@ -89,6 +92,7 @@ def _metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):
   fx.write_aspect_folder(str(tmp_path / "in"), 30)
   data = str(tmp_path / "data")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -37,9 +39,10 @@ def average(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
 
-  The workdir may be on an object store (gs://), where objects cannot be appended to: there
-  metrics.jsonl is uploaded whole at every write, as tensorboardX does with its event file (a
-  100k-step run logging every 50 steps uploads at most about 1 MB at a time).
+  The workdir may be on an object store (gs://), where objects cannot be appended to: there both
+  files are written in a local staging folder and uploaded whole after every write (a 100k-step
+  run logging every 50 steps uploads at most about 1 MB at a time). metrics.jsonl of an earlier
+  run in the workdir is continued.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
@@ -47,32 +50,40 @@ class MetricWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # Only the writing process needs it.
-    self._path = epath.Path(workdir) / "metrics.jsonl"
-    if paths.is_remote(self._path):
-      self._lines = self._path.read_text() if self._path.exists() else ""
-    else:
-      self._jsonl = self._path.open("a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._workdir = epath.Path(workdir)
+    self._remote = paths.is_remote(workdir)
+    self._local = tempfile.mkdtemp(prefix="li_dit_metrics_") if self._remote else workdir
+    jsonl = os.path.join(self._local, "metrics.jsonl")
+    if self._remote and (self._workdir / "metrics.jsonl").exists():
+      (self._workdir / "metrics.jsonl").copy(jsonl)
+    self._jsonl = open(jsonl, "a")
+    self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    line = json.dumps({"step": step, **metrics}) + "\n"
-    if paths.is_remote(self._path):
-      self._lines += line
-      self._path.write_text(self._lines)
-    else:
-      self._jsonl.write(line)
-      self._jsonl.flush()
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
     for key, value in metrics.items():
       self._tb.add_scalar(key, value, step)
     self._tb.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    """On an object store: the staged files, each uploaded whole."""
+    if self._remote:
+      events = [os.path.join("tensorboard", f)
+                for f in os.listdir(os.path.join(self._local, "tensorboard"))]
+      for name in ["metrics.jsonl", *events]:
+        paths.publish(os.path.join(self._local, name), self._workdir / name)
 
   def close(self) -> None:
     if self.enabled:
-      if not paths.is_remote(self._path):
-        self._jsonl.close()
+      self._jsonl.close()
       self._tb.close()
+      self._upload()
+      if self._remote:
+        shutil.rmtree(self._local)
 
 
 class Progress:

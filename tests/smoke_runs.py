@@ -2,10 +2,13 @@
 leave in their workdirs; and test functions called on several host devices. Each run is its own
 process (or processes), since the number of host devices is fixed when jax starts.
 """
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -37,6 +40,29 @@ def call_with_devices(module: str, function: str, devices: int) -> str:
       cwd=REPO, env=environment(devices), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+@contextlib.contextmanager
+def running(commands: Sequence[Sequence[str]], **popen_kwargs
+            ) -> Iterator[list[subprocess.Popen]]:
+  """One process per command, each in a process group of its own (text pipes for stdout and
+  stderr, cwd the repository). On leaving, a failed assertion or a timeout included, every group
+  is killed (the trainer and its data workers) and reaped: no test leaves a process behind."""
+  procs = []
+  try:
+    for cmd in commands:
+      procs.append(subprocess.Popen(cmd, **{"cwd": REPO, "stdout": subprocess.PIPE,
+                                            "stderr": subprocess.PIPE, "text": True,
+                                            "start_new_session": True, **popen_kwargs}))
+    yield procs
+  finally:
+    for proc in procs:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+      for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+          stream.close()
 
 
 def train(workdir: str, devices: int, mesh: dict[str, int], *overrides: str

@@ -28,7 +28,7 @@ from li_dit.data import pipeline
 from li_dit.text import conditioning
 
 import image_fixtures as fx
-from test_pipeline import _BUCKETS, _assert_same, _take, _tfds_config
+from test_pipeline import _BUCKETS, _assert_same, _first, _tfds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "li-dit-test"
@@ -66,7 +66,8 @@ def _upload(local: str, remote: epath.Path):
       path = os.path.join(dirpath, name)
       target = remote / os.path.relpath(path, local)
       target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(open(path, "rb").read())
+      with open(path, "rb") as f:
+        target.write_bytes(f.read())
 
 
 def test_build_to_a_bucket_and_train_batches_from_it(tmp_path, gcs):
@@ -95,10 +96,11 @@ def test_build_to_a_bucket_and_train_batches_from_it(tmp_path, gcs):
   assert ({p.name for p in remote_dir.iterdir()} == {p.name for p in local_dir.iterdir()})
 
   transform = conditioning.CaptionIds(sorted(sizes))
-  remote = iter(pipeline.make_train_dataset(_tfds_config(f"{gcs}/data", num_workers=2),
-                                            transform))
-  local = iter(pipeline.make_train_dataset(_tfds_config(str(tmp_path / "data")), transform))
-  for a, b in zip(_take(remote, 12), _take(local, 12)):  # past the end of the first epoch
+  # Past the end of the first epoch; the worker processes are closed before the emulator stops.
+  remote = _first(pipeline.make_train_dataset(_tfds_config(f"{gcs}/data", num_workers=2),
+                                              transform), 12)
+  local = _first(pipeline.make_train_dataset(_tfds_config(str(tmp_path / "data")), transform), 12)
+  for a, b in zip(remote, local):
     _assert_same(a, b)
     assert tuple(a["image"].shape[1:3]) in _BUCKETS
 
@@ -114,10 +116,9 @@ def test_a_runs_files_go_to_a_bucket(gcs, tmp_path, monkeypatch):
   TensorBoard events, sample grids; orbax gets the checkpoint path as gs://, not made local."""
   run = epath.Path(gcs) / "runs" / "smoke"
   for steps in ((1, 2), (3,)):  # A run, then its resumed continuation.
-    writer = metrics_lib.MetricWriter(str(run))
-    for step in steps:
-      writer.write(step, {"loss": 1.0 / step})
-    writer.close()
+    with metrics_lib.MetricWriter(str(run)) as writer:
+      for step in steps:
+        writer.write(step, {"loss": 1.0 / step})
     time.sleep(1.1)  # TensorBoard event files are named by the second they were opened in.
   lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert lines == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5},

@@ -72,19 +72,18 @@ PREEMPTIBLE = textwrap.dedent("""
 
 def test_sigterm_to_one_process_stops_all_after_the_same_step():
   address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-c", PREEMPTIBLE, address, str(i)],
-                            cwd=smoke_runs.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  for p in procs:  # Past jax.distributed.initialize, which installs the SIGTERM handler.
-    while (line := p.stdout.readline()) and line != "ready\n":
-      pass
-  time.sleep(1)  # Both are stepping.
-  procs[1].send_signal(signal.SIGTERM)
   stopped = []
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0, stderr[-3000:]
-    stopped.append(int(stdout.split()[-1]))
+  with smoke_runs.running([[sys.executable, "-c", PREEMPTIBLE, address, str(i)]
+                           for i in range(2)]) as procs:
+    for p in procs:  # Past jax.distributed.initialize, which installs the SIGTERM handler.
+      while (line := p.stdout.readline()) and line != "ready\n":
+        pass
+    time.sleep(1)  # Both are stepping.
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=300)
+      assert p.returncode == 0, stderr[-3000:]
+      stopped.append(int(stdout.split()[-1]))
   # Saving a checkpoint there together; a process left running would wait for the other forever.
   assert stopped[0] == stopped[1] < 999
 
@@ -108,10 +107,9 @@ def two_processes(tmp_path_factory) -> tuple[str, list[str]]:
   flags = ["--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
   command = smoke_runs.command(workdir, dict(data=1, fsdp=2, tensor=2),
                                f"--config.total_steps={STEPS}", *COMMON, *flags)
-  procs = [subprocess.Popen(command + ["--process_id", str(i)], cwd=smoke_runs.REPO,
-                            env=smoke_runs.environment(2), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900) for p in procs]
+  with smoke_runs.running([command + ["--process_id", str(i)] for i in range(2)],
+                          env=smoke_runs.environment(2)) as procs:
+    outputs = [p.communicate(timeout=900) for p in procs]
   for i, (p, (_, stderr)) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
   return workdir, [stdout for stdout, _ in outputs]

@@ -62,8 +62,8 @@ def _on(config, name: str, data_dir: str):
 
 def _batches(config, n: int) -> list[dict[str, np.ndarray]]:
   transform = conditioning.CaptionIds(shapes.train_captions(0) + [""])
-  iterator = iter(pipeline.make_train_dataset(config.input, transform))
-  return [next(iterator) for _ in range(n)]
+  with iter(pipeline.make_train_dataset(config.input, transform)) as iterator:
+    return [next(iterator) for _ in range(n)]
 
 
 def test_cached_latents_give_the_train_step_the_online_x0(data, vae_folder):
@@ -179,13 +179,11 @@ def _run(workdir: str, vae_folder: str, name: str, data: str, processes: int = 1
       s.bind(("127.0.0.1", 0))
       command += ["--coordinator_address", f"127.0.0.1:{s.getsockname()[1]}",
                   "--num_processes", str(processes)]
-  procs = [subprocess.Popen(command + (["--process_id", str(i)] if processes > 1 else []),
-                            cwd=smoke_runs.REPO, env=smoke_runs.environment(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(processes)]
-  for i, p in enumerate(procs):
-    _, stderr = p.communicate(timeout=900)
-    assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
+  with smoke_runs.running([command + (["--process_id", str(i)] if processes > 1 else [])
+                           for i in range(processes)], env=smoke_runs.environment(1)) as procs:
+    for i, p in enumerate(procs):
+      _, stderr = p.communicate(timeout=900)
+      assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
   assert os.path.exists(os.path.join(workdir, "samples", "step_6.png"))
   return smoke_runs.losses(workdir)
 

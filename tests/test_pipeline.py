@@ -32,6 +32,15 @@ def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
+def _first(dataset, n, state=None):
+  """The first `n` batches of a fresh iterator over `dataset` (from `state`, if given); the
+  iterator is closed before this returns."""
+  with iter(dataset) as iterator:
+    if state is not None:
+      iterator.set_state(state)
+    return _take(iterator, n)
+
+
 def _assert_same(a, b):
   assert a.keys() == b.keys()
   for k in a:
@@ -90,26 +99,25 @@ def test_bucket_batches_memory_does_not_grow_with_the_dataset():
 
 
 def test_batches_are_deterministic_and_typed():
-  a = _take(iter(pipeline.make_train_dataset(_input_config(), _captions())), 2)
-  b = _take(iter(pipeline.make_train_dataset(_input_config(), _captions())), 2)
+  a = _first(pipeline.make_train_dataset(_input_config(), _captions()), 2)
+  b = _first(pipeline.make_train_dataset(_input_config(), _captions()), 2)
   for x, y in zip(a, b):
     _assert_same(x, y)
   assert a[0]["image"].shape == (8, 32, 32, 3) and a[0]["image"].dtype == np.uint8
   assert a[0]["caption_id"].shape == (8,)
-  c = _take(iter(pipeline.make_train_dataset(_input_config(seed=1), _captions())), 1)
+  c = _first(pipeline.make_train_dataset(_input_config(seed=1), _captions()), 1)
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_from_iterator_state_is_exact(num_workers):
   config = _input_config(num_workers=num_workers)
-  it = iter(pipeline.make_train_dataset(config, _captions()))
-  _take(it, 3)
-  state = it.get_state()
-  expected = _take(it, 3)
-  fresh = iter(pipeline.make_train_dataset(config, _captions()))
-  fresh.set_state(state)
-  for want, got in zip(expected, _take(fresh, 3)):
+  with iter(pipeline.make_train_dataset(config, _captions())) as it:
+    _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 3)
+  for want, got in zip(expected, _first(pipeline.make_train_dataset(config, _captions()), 3,
+                                        state)):
     _assert_same(want, got)
 
 
@@ -119,8 +127,8 @@ def test_hosts_read_their_rows_of_the_same_global_batches(hosts):
   # the global batches (and so the per-example noise of the train step) do not depend on the
   # number of hosts.
   config = _input_config(batch_size=16, caption_dropout=0.3)
-  one_host = _take(iter(pipeline.make_train_dataset(config, _captions())), 3)
-  shares = [_take(iter(pipeline.make_train_dataset(config, _captions(), p, hosts)), 3)
+  one_host = _first(pipeline.make_train_dataset(config, _captions()), 3)
+  shares = [_first(pipeline.make_train_dataset(config, _captions(), p, hosts), 3)
             for p in range(hosts)]
   for k, want in enumerate(one_host):
     assert shares[0][k]["image"].shape[0] == 16 // hosts
@@ -133,9 +141,8 @@ def test_start_batch_continues_the_stream():
   config = _input_config(batch_size=8)
   for hosts in (1, 2):
     for p in range(hosts):
-      stream = _take(iter(pipeline.make_train_dataset(config, _captions(), p, hosts)), 5)
-      late = _take(iter(pipeline.make_train_dataset(config, _captions(), p, hosts,
-                                                    start_batch=3)), 2)
+      stream = _first(pipeline.make_train_dataset(config, _captions(), p, hosts), 5)
+      late = _first(pipeline.make_train_dataset(config, _captions(), p, hosts, start_batch=3), 2)
       for want, got in zip(stream[3:], late):
         _assert_same(want, got)
 
@@ -143,11 +150,11 @@ def test_start_batch_continues_the_stream():
 def test_caption_dropout_gives_the_null_prompt():
   ids = _captions()
   null_id = ids("")["caption_id"]
-  batches = _take(iter(pipeline.make_train_dataset(
-      _input_config(batch_size=50, caption_dropout=0.3), ids)), 4)
+  batches = _first(pipeline.make_train_dataset(
+      _input_config(batch_size=50, caption_dropout=0.3), ids), 4)
   rate = np.mean(np.concatenate([b["caption_id"] for b in batches]) == null_id)
   assert 0.2 < rate < 0.4
-  none = next(iter(pipeline.make_train_dataset(_input_config(caption_dropout=0.0), ids)))
+  none, = _first(pipeline.make_train_dataset(_input_config(caption_dropout=0.0), ids), 1)
   assert not np.any(none["caption_id"] == null_id)
   with pytest.raises(KeyError, match="not in the cached feature table"):
     ids("a caption nobody cached")
@@ -176,10 +183,10 @@ def test_buckets_one_shape_per_batch_and_exact_resume_with_two_workers(tmp_path)
   data_dir, captions, sizes = _bucketed_dataset(str(tmp_path))
   transform = conditioning.CaptionIds(captions)
   config = _tfds_config(data_dir, num_workers=2)
-  it = iter(pipeline.make_train_dataset(config, transform))
-  seen = _take(it, 3)
-  state = it.get_state()
-  expected = _take(it, 9)  # Past the end of the first epoch (42 // 4 = 10 batches).
+  with iter(pipeline.make_train_dataset(config, transform)) as it:
+    seen = _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 9)  # Past the end of the first epoch (42 // 4 = 10 batches).
   for batch in seen + expected:
     height, width = batch["image"].shape[1:3]
     assert (height, width) in _BUCKETS
@@ -190,12 +197,10 @@ def test_buckets_one_shape_per_batch_and_exact_resume_with_two_workers(tmp_path)
   # Both captions of the records are used.
   used = {captions[c] for b in seen + expected for c in b["caption_id"]}
   assert any(c.startswith("another") for c in used) and any(c.startswith("picture") for c in used)
-  resumed = iter(pipeline.make_train_dataset(config, transform))
-  resumed.set_state(state)
-  for a, b in zip(expected, _take(resumed, 9)):
+  for a, b in zip(expected, _first(pipeline.make_train_dataset(config, transform), 9, state)):
     _assert_same(a, b)
   # Worker processes change nothing.
-  in_process = _take(iter(pipeline.make_train_dataset(_tfds_config(data_dir), transform)), 12)
+  in_process = _first(pipeline.make_train_dataset(_tfds_config(data_dir), transform), 12)
   for a, b in zip(seen + expected, in_process):
     _assert_same(a, b)
 
@@ -205,7 +210,7 @@ def test_undecodable_record_is_replaced_and_counted(tmp_path):
   captions = [f"grey {i}" for i in range(8)]
   config = _input_config(source="tfds", tfds_name="broken", data_dir=str(tmp_path),
                          batch_size=4, caption_dropout=0.0)
-  batches = _take(iter(pipeline.make_train_dataset(config, conditioning.CaptionIds(captions))), 2)
+  batches = _first(pipeline.make_train_dataset(config, conditioning.CaptionIds(captions)), 2)
   skipped = sum(b["skipped"] for b in batches).sum(axis=0)
   assert skipped[pipeline.REASONS.index("unreadable_image")] == 1 and skipped.sum() == 1
   ids = [int(c) for b in batches for c in b["caption_id"]]

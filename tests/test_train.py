@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import smoke_runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One grain worker process, as in the demo: the resume tests cover the workers' iterator state.
 SMOKE = ["--config", os.path.join(REPO, "configs", "demo.py") + ":smoke", "--config.log_every=1",
@@ -46,11 +48,14 @@ def reference_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
   proc = _run(_train_cmd(workdir))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc.stdout
+  return workdir, proc
 
 
 def test_training_writes_metrics_checkpoints_and_samples(reference_run):
-  workdir, stdout = reference_run
+  workdir, proc = reference_run
+  stdout = proc.stdout
+  # The data worker process and its shared memory are shut down, not left to the interpreter.
+  assert "leaked" not in proc.stderr, proc.stderr[-3000:]
   metrics = _metrics(workdir)
   assert [m["step"] for m in metrics] == list(range(1, 13))
   for m in metrics:
@@ -108,7 +113,10 @@ def _wait_for(predicate, proc, timeout=600):
 
 def _logged_steps(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
-  return len(open(path).readlines()) if os.path.exists(path) else 0
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return len(f.readlines())
 
 
 @pytest.mark.slow
@@ -119,18 +127,17 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, tmp_pa
   # Its own process group: SIGKILL goes to the group, as when a scheduler or a preempted VM kills
   # a job (the grain worker process dies with the trainer, as it would there). SIGTERM goes to the
   # trainer alone, which checkpoints and shuts its workers down itself.
-  proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
-  if sig == signal.SIGKILL:  # After the (committed) step-5 checkpoint and two more steps.
-    _wait_for(lambda: (workdir / "checkpoints" / "5").is_dir() and _logged_steps(workdir) >= 7,
-              proc)
-  else:  # Mid-run, before any periodic checkpoint.
-    _wait_for(lambda: _logged_steps(workdir) >= 3, proc)
-  if sig == signal.SIGKILL:
-    os.killpg(proc.pid, sig)
-  else:
-    proc.send_signal(sig)
-  _, stderr = proc.communicate(timeout=300)
+  with smoke_runs.running([_train_cmd(workdir)]) as (proc,):
+    if sig == signal.SIGKILL:  # After the (committed) step-5 checkpoint and two more steps.
+      _wait_for(lambda: (workdir / "checkpoints" / "5").is_dir() and _logged_steps(workdir) >= 7,
+                proc)
+    else:  # Mid-run, before any periodic checkpoint.
+      _wait_for(lambda: _logged_steps(workdir) >= 3, proc)
+    if sig == signal.SIGKILL:
+      os.killpg(proc.pid, sig)
+    else:
+      proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
   killed_at = _logged_steps(workdir)
   assert killed_at < 12
   # Committed checkpoints only: orbax writes into a temporary name and renames when done.

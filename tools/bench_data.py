@@ -22,6 +22,7 @@ import importlib.util
 import io
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -99,13 +100,14 @@ def raw_limit(files: list[bytes]) -> float:
 
 def pipeline_rate(input_config, captions: list[str], warmup: int, batches: int) -> float:
   """Samples/s of the training pipeline over `batches` batches after `warmup` ones."""
-  iterator = iter(pipeline.make_train_dataset(input_config, conditioning.CaptionIds(captions)))
-  for _ in range(warmup):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(batches):
-    batch = next(iterator)
-  elapsed = time.perf_counter() - start
+  with iter(pipeline.make_train_dataset(input_config,
+                                        conditioning.CaptionIds(captions))) as iterator:
+    for _ in range(warmup):
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+      batch = next(iterator)
+    elapsed = time.perf_counter() - start
   assert batch["image"].shape[1:3] in BUCKETS
   return batches * input_config.batch_size / elapsed
 
@@ -117,7 +119,7 @@ def main(argv):
     folder = _IMAGES.value or os.path.join(tmp, "images")
     origin = f"images of {folder}" if _IMAGES.value else write_images(folder, _NUM.value)
     summary = build.build([folder], os.path.join(tmp, "data"), "bench", workers=0)
-    files = [open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+    files = [pathlib.Path(folder, f).read_bytes() for f in sorted(os.listdir(folder))
              if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))]
     raw = raw_limit(files)
     config = config_lib.default_config().input

@@ -31,6 +31,7 @@ from absl import flags
 from etils import epath
 
 from li_dit.data import images
+from li_dit.data import loader
 from li_dit.data import records
 from li_dit.data import shapes
 from li_dit.io import paths
@@ -358,8 +359,9 @@ class LoadBatch(grain.transforms.Map):
 def make_train_dataset(input_config: ml_collections.ConfigDict,
                        text_transform: Callable[[str], dict[str, np.ndarray]],
                        process_index: int = 0, process_count: int = 1,
-                       start_batch: int = 0) -> grain.IterDataset:
-  """This host's share of the training batches, as a grain IterDataset of numpy dicts.
+                       start_batch: int = 0) -> loader.Dataset:
+  """This host's share of the training batches: a grain pipeline of numpy dicts, whose iterators
+  their user closes (`with iter(dataset) as batches:`; see li_dit.data.loader).
 
   Args:
     input_config: `config.input` (source and its fields, image_size or buckets, batch_size
@@ -390,4 +392,4 @@ def make_train_dataset(input_config: ml_collections.ConfigDict,
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=input_config.num_workers,
         per_worker_buffer_size=input_config.prefetch_buffer))
-  return iter_ds
+  return loader.Dataset(iter_ds)

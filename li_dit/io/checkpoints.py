@@ -106,7 +106,14 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for a save in flight, then releases the manager's threads."""
     self.manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
   def _check_step(self, step: int) -> None:
     if step not in self.manager.all_steps():

@@ -39,8 +39,7 @@ def restore_params(workdir: str, step: int | None, ema: bool
   if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     raise checkpoints.CheckpointError(f"no checkpoints in {workdir} (no "
                                       f"{checkpoints.checkpoint_dir(workdir)})")
-  ckpt = checkpoints.Checkpointer(workdir, async_save=False)
-  try:
+  with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
@@ -51,8 +50,6 @@ def restore_params(workdir: str, step: int | None, ema: bool
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
         dict(ckpt.manager.item_metadata(step)[item]))
     params = ckpt.restore(step, {item: abstract})[item]
-  finally:
-    ckpt.close()
   return config, jax.tree_util.tree_map(np.asarray, params), step
 
 

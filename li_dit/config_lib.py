@@ -36,6 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.sample_every = 5000  # 0: no sample grids during training.
+  # Staged training: a workdir (its latest checkpoint) or <workdir>/checkpoints/<step> whose
+  # parameters and EMA start this run; optimizer and data start fresh. Ignored once this run's
+  # workdir has a checkpoint of its own (a resume).
+  config.init_from = ""
 
   # source "tfds": a dataset built by tools/build_dataset.py, `tfds.data_source(tfds_name,
   # data_dir=data_dir)[split]` (data_dir may be gs://).
@@ -78,7 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
       qk_norm=True, pos_kernel_size=3, refiner_depth=2, scan_layers=True, remat="none",
       attention="xla", dtype="float32", param_dtype="float32")
 
-  # Rectified flow: logit-normal t (mean, std), shifted by base_shift * sqrt(pixels / base_size^2).
+  # Rectified flow: logit-normal t (mean, std), shifted by
+  # base_shift * sqrt(image pixels / base_size^2); base_size is an image side in pixels (the
+  # stage whose shift is base_shift), like every size in a config.
   config.flow = dict(t_mean=0.0, t_std=1.0, base_size=256, base_shift=1.0)
 
   config.optim = dict(lr=1e-4, warmup_steps=1000, final_lr_ratio=0.1, b1=0.9, b2=0.999,

@@ -1,7 +1,8 @@
 r"""Evaluates a trained run on a benchmark and writes a JSON report.
 
   python -m li_dit.evaluate --workdir W --benchmark shapes --out R.json \
-      [--samples_per_prompt 4 --steps N --cfg S --seed K --noema --step N --grid G.png]
+      [--samples_per_prompt 4 --steps N --cfg S --seed K --noema --step N --grid G.png] \
+      [--mesh data=D,fsdp=F,tensor=T]
 
 shapes: images for every held-out prompt of the synthetic shapes data (prompts never used in
 training), scored by li_dit.data.shapes_score for colour, count, shape and position accuracy.
@@ -9,6 +10,7 @@ training), scored by li_dit.data.shapes_score for colour, count, shape and posit
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -19,6 +21,7 @@ from li_dit import config_lib
 from li_dit import generate
 from li_dit.data import shapes
 from li_dit.data import shapes_score
+from li_dit.io import checkpoints
 
 BENCHMARKS = ("shapes",)
 
@@ -34,6 +37,8 @@ _EMA = flags.DEFINE_boolean("ema", True, "Use the EMA parameters.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images sampled at once.")
 _GRID = flags.DEFINE_string("grid", None, "Optional PNG of the first image of every prompt.")
+_MESH = flags.DEFINE_string("mesh", None, "data=D,fsdp=F,tensor=T (default: the run's mesh "
+                            "fitted to the devices present).")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -55,7 +60,12 @@ def evaluate_shapes(generator: generate.Generator, params, prompts: list[str],
 def main(argv):
   del argv
   config_lib.quiet_library_logs()
-  config, generator, params, step = generate.load_run(_WORKDIR.value, _STEP.value, _EMA.value)
+  try:
+    mesh = generate.parse_mesh(_MESH.value) if _MESH.value else None
+    config, generator, params, step = generate.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
+                                                        mesh)
+  except (config_lib.ConfigError, checkpoints.CheckpointError, ValueError) as e:
+    sys.exit(f"li_dit.evaluate: {e}")
   steps = _STEPS.value or config.sample.steps
   cfg = config.sample.cfg if _CFG.value is None else _CFG.value
   sampler = _SAMPLER.value or config.sample.sampler
@@ -66,7 +76,7 @@ def main(argv):
   report = {"benchmark": _BENCHMARK.value, "workdir": _WORKDIR.value,
             "checkpoint_step": step, "ema": _EMA.value, "steps": steps, "cfg": cfg,
             "sampler": sampler, "seed": _SEED.value, "num_prompts": len(prompts),
-            "samples_per_prompt": _SAMPLES.value,
+            "samples_per_prompt": _SAMPLES.value, "mesh": dict(generator.mesh.shape),
             "seconds": round(time.perf_counter() - start, 1), **report}
   out = epath.Path(_OUT.value)  # Local or gs://.
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,18 @@
 """Text-to-image generation from a model and its frozen text side, shared by training (sample
-grids), `li_dit.sample` and `li_dit.evaluate`.
+grids), `li_dit.sample` and `li_dit.evaluate`, on the same device mesh and logical rules as
+training.
 
-LLM features are computed once per prompt; the refiners and the DiT run at every sampler step
-(both depend on t), conditional and unconditional halves as one batch. The sampler runs in the
-DiT's space; in a VAE's latent space its result is decoded to pixels (li_dit.latents).
+One jitted program encodes the prompts and the empty prompt with the frozen LLMs, runs the
+sampler (the refiners and the DiT at every step, conditional and unconditional halves as one
+batch split over the data-parallel axes) and, in a VAE's latent space, decodes the result to
+pixels (li_dit.latents).
 """
 from __future__ import annotations
 
 import functools
 import io
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,10 +22,14 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from li_dit import config_lib
 from li_dit import latents
+from li_dit.data import pipeline
 from li_dit.diffusion import flow
 from li_dit.diffusion import samplers
+from li_dit.models import layers
 from li_dit.models import li_dit
+from li_dit.parallel import sharding
 from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
 
@@ -41,76 +47,133 @@ def build_model(config: ml_collections.ConfigDict, num_llms: int) -> li_dit.LIDi
   return li_dit.LIDiT(li_dit.ModelConfig(**config.model.to_dict()), num_llms=num_llms)
 
 
-def time_shift(config: ml_collections.ConfigDict) -> float:
-  """The resolution-dependent timestep shift of this config's input size."""
-  size = config.input.image_size
-  return flow.resolution_shift(size * size, config.flow.base_size ** 2, config.flow.base_shift)
+def time_shift(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> float:
+  """The resolution-dependent timestep shift at `size` = (height, width) pixels (default: the
+  square config.input.image_size); config.flow.base_size is the side whose shift is base_shift."""
+  height, width = size or (config.input.image_size,) * 2
+  return flow.resolution_shift(height * width, config.flow.base_size ** 2, config.flow.base_shift)
 
 
-def to_uint8(x: jax.Array) -> np.ndarray:
-  """[-1, 1] float images -> uint8 numpy."""
-  return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
+def to_uint8(x: jax.Array) -> jax.Array:
+  """[-1, 1] float images -> uint8 (jit-able)."""
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def fit_mesh(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """A run's mesh sizes (config.mesh) fitted to `num_devices` devices: as they are when they fit;
+  else the run's tensor size where it divides the devices (1 otherwise) and fsdp over the rest,
+  which shards the parameters as far as the devices go."""
+  try:
+    return dict(zip(sharding.MESH_AXES, sharding.mesh_shape(sizes, num_devices)))
+  except ValueError:
+    tensor = int(sizes.get("tensor", 1))
+    tensor = tensor if tensor > 0 and num_devices % tensor == 0 else 1
+    return {"data": 1, "fsdp": num_devices // tensor, "tensor": tensor}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """"data=D,fsdp=F,tensor=T" (any subset; the rest 1) -> sizes; ValueError naming the part."""
+  sizes = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    axis, _, value = part.partition("=")
+    if axis not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
+      raise ValueError(f"--mesh: {part!r} is not AXIS=SIZE with AXIS one of {sharding.MESH_AXES}")
+    sizes[axis] = int(value)
+  return sizes
 
 
 class Generator:
-  """Samples images for prompts with a trained LI-DiT.
+  """Samples images for prompts with a trained LI-DiT, on a device mesh.
+
+  One jitted program per (size, steps, sampler) encodes the prompts and the empty prompt (the
+  classifier-free guidance null condition) with the frozen LLMs, runs the sampler (conditional
+  and unconditional halves as one batch) and decodes latents to pixels. Parameters, LLMs and VAE
+  stay where they are (sharded by the logical rules, as in training); the prompts and their
+  noise are split over the mesh's data-parallel axes, the batch padded to a multiple of them;
+  splash attention runs under its shard_map.
 
   Attributes:
-    model: the LIDiT module. conditioner: its frozen text side (online mode is used for
-    arbitrary prompts). space: pixels or the VAE latents the model works in. image_size:
-    (H, W) of the images, in pixels. latent_shape: (h, w, C) of the model's input.
+    model, conditioner (its LLMs encode any prompt), space (pixels or a VAE), config (the run's:
+    its time shift, image size and buckets), mesh, rules.
   """
 
   def __init__(self, model: li_dit.LIDiT, conditioner: conditioning.TextConditioner,
-               space: latents.ImageSpace, image_size: tuple[int, int], shift: float):
+               space: latents.ImageSpace, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh, rules: Any):
     self.model = model
     self.conditioner = conditioner
     self.space = space
-    self.image_size = image_size
-    self.latent_shape = space.latent_shape(*image_size)
-    self.shift = shift
-    self._null = None
-    self._sample = jax.jit(functools.partial(_sample, model, space),
-                           static_argnames=("steps", "sampler", "shift"))
+    self.config = config
+    self.mesh = mesh
+    self.rules = rules
+    # Images come back whole on every process (uint8, small next to the model).
+    self.program = jax.jit(functools.partial(_generate, model, space, conditioner),
+                           static_argnames=("steps", "sampler", "shift"),
+                           out_shardings=sharding.replicated(mesh))
 
-  def encode(self, prompts: Sequence[str]) -> list[li_dit.TextFeatures]:
-    return self.conditioner.encode_prompts(prompts)
+  @property
+  def batch_multiple(self) -> int:
+    """Batches are padded to a multiple of this: the data-parallel size of the mesh."""
+    return sharding.data_parallel_size(self.mesh, self.rules)
 
-  def null_features(self) -> list[li_dit.TextFeatures]:
-    """Features of the empty prompt, the unconditional half of classifier-free guidance."""
-    if self._null is None:
-      self._null = self.conditioner.encode_prompts([""])
-    return self._null
+  @property
+  def sizes(self) -> tuple[tuple[int, int], ...]:
+    """The (H, W) pixel sizes the run trained on: its buckets, or the square image_size."""
+    return pipeline.bucket_shapes(self.config.input)
 
-  def sample(self, params: Any, text: Sequence[li_dit.TextFeatures], seed: int, steps: int,
-             cfg_scale: float, sampler: str = "heun") -> np.ndarray:
-    """Images for pre-encoded prompts: text per LLM [B,...] -> uint8 [B,H,W,C]."""
-    batch = text[0].tokens.shape[0]
-    noise = jax.random.normal(jax.random.key(seed), (batch,) + self.latent_shape, jnp.float32)
-    x = self._sample(params, self.space.frozen(), list(text), self.null_features(), noise,
-                     steps=steps, cfg_scale=float(cfg_scale), sampler=sampler, shift=self.shift)
-    return to_uint8(x)
+  def noise(self, seed: int, batch: int, size: tuple[int, int]) -> jax.Array:
+    """The initial noise of `batch` images of `size` (H, W) pixels: float32 [B,h,w,C], a function
+    of the seed alone (not of the mesh or the padding)."""
+    return jax.random.normal(jax.random.key(seed), (batch,) + self.space.latent_shape(*size),
+                             jnp.float32)
+
+  def inputs(self, prompts: Sequence[str], seed: int, size: tuple[int, int]
+             ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """The program's host inputs on the mesh: (token rows [Bp,L] per LLM, the empty prompt's
+    rows [Bp,L], noise [Bp,h,w,C]), split over the data-parallel axes; Bp = len(prompts) padded
+    to `batch_multiple` (empty prompts, zero noise)."""
+    pad = -len(prompts) % self.batch_multiple
+    noise = np.asarray(self.noise(seed, len(prompts), size))
+    noise = np.concatenate([noise, np.zeros((pad,) + noise.shape[1:], noise.dtype)])
+    tokens = self.conditioner.tokenize(list(prompts) + [""] * pad)
+    # Every process holds the same host arrays and places its own shards of them.
+    place = lambda x, where: jax.make_array_from_callback(x.shape, where, lambda i: x[i])
+    split = lambda x: place(x, sharding.batch_sharding(self.mesh, x.ndim, self.rules))
+    null = self.conditioner.tokenize([""] * len(noise))
+    return ({k: split(v) for k, v in tokens.items()}, {k: split(v) for k, v in null.items()},
+            split(noise))
 
   def __call__(self, params: Any, prompts: Sequence[str], seed: int, steps: int,
-               cfg_scale: float, sampler: str = "heun") -> np.ndarray:
-    return self.sample(params, self.encode(prompts), seed, steps, cfg_scale, sampler)
+               cfg_scale: float, sampler: str = "heun", size: tuple[int, int] | None = None
+               ) -> np.ndarray:
+    """uint8 images [B,H,W,3] of `prompts` at `size` = (H, W) pixels (default: the square
+    config.input.image_size), with the time shift of that size."""
+    size = tuple(size or (self.config.input.image_size,) * 2)
+    tokens, null, noise = self.inputs(prompts, seed, size)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      images = self.program(params, self.conditioner.llm_state(), self.space.frozen(), tokens,
+                            null, noise, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
+                            shift=time_shift(self.config, size))
+    return np.asarray(images)[:len(prompts)]
 
 
-def _sample(model: li_dit.LIDiT, space: latents.ImageSpace, params: Any, frozen_vae: Any,
-            text: list[li_dit.TextFeatures], null: list[li_dit.TextFeatures], noise: jax.Array,
-            steps: int, cfg_scale: float, sampler: str, shift: float) -> jax.Array:
-  """Noise [B,h,w,C] -> float32 images [B,H,W,3], about [-1, 1]."""
-  batch = noise.shape[0]
-  both = [li_dit.TextFeatures(
-      t.prefix,
-      jnp.concatenate([t.tokens, jnp.broadcast_to(n.tokens, (batch,) + n.tokens.shape[1:])]),
-      jnp.concatenate([t.mask, jnp.broadcast_to(n.mask, (batch,) + n.mask.shape[1:])]))
-          for t, n in zip(text, null)]
+def _generate(model: li_dit.LIDiT, space: latents.ImageSpace,
+              conditioner: conditioning.TextConditioner, params: Any, llm_state: Any,
+              frozen_vae: Any, tokens: dict[str, jax.Array], null_tokens: dict[str, jax.Array],
+              noise: jax.Array, cfg_scale: jax.Array, steps: int, sampler: str, shift: float
+              ) -> jax.Array:
+  """Token rows [B,L] per LLM and noise [B,h,w,C] -> uint8 images [B,H,W,3]."""
+  text = conditioner.encode_tokens(llm_state, tokens)
+  null = conditioner.encode_tokens(llm_state, null_tokens)
+  both = [li_dit.TextFeatures(t.prefix, jnp.concatenate([t.tokens, n.tokens]),
+                              jnp.concatenate([t.mask, n.mask])) for t, n in zip(text, null)]
 
   def denoise(x, t):
+    x = layers.constrain(x, ("batch", None, None, None))
     return model.apply({"params": params}, x, t, both)
-  return space.decode(frozen_vae, samplers.sample(denoise, noise, steps, cfg_scale, sampler,
-                                                  shift))
+  images = space.decode(frozen_vae, samplers.sample(denoise, noise, steps, cfg_scale, sampler,
+                                                    shift))
+  return to_uint8(images)
 
 
 def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: int = 1) -> None:
@@ -132,31 +195,66 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: 
   path.write_bytes(buffer.getvalue())
 
 
-def load_run(workdir: str, step: int | None = None, ema: bool = True
-             ) -> tuple[ml_collections.ConfigDict, Generator, Any, int]:
-  """A trained run's config, a Generator and its (EMA) params, from the latest checkpoint.
+def abstract_params(model: li_dit.LIDiT, conditioner: conditioning.TextConditioner,
+                    space: latents.ImageSpace, size: int) -> Any:
+  """The model's parameters as boxed ShapeDtypeStructs (logical axis names kept), from
+  jax.eval_shape: nothing is computed or allocated."""
+  tokens = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in conditioner.tokenize([""]).items()}
 
-  Returns (config, generator, params, step). Prompts are encoded online (any prompt works).
+  def init(llm_state, tokens):
+    text = conditioner.encode_tokens(llm_state, tokens)
+    x = jnp.zeros((1,) + space.latent_shape(size, size), jnp.float32)
+    return model.init(jax.random.key(0), x, jnp.zeros((1,)), text)["params"]
+  return jax.eval_shape(init, conditioner.llm_state(), tokens)
+
+
+def load_run(workdir: str, step: int | None = None, ema: bool = True,
+             mesh_sizes: Mapping[str, int] | None = None
+             ) -> tuple[ml_collections.ConfigDict, Generator, Any, int]:
+  """A trained run's config, a Generator on a mesh and its (EMA) params, from a checkpoint.
+
+  Args:
+    step: the checkpoint (default: the latest).
+    ema: the EMA parameters (else the raw ones).
+    mesh_sizes: {axis: size} of the mesh over the first devices of this process (li_dit.sample
+      --mesh); default: the run's mesh fitted to the devices present (`fit_mesh`).
+  Returns (config, generator, params, step). Parameters are restored straight into their shards,
+  the LLMs and the VAE loaded into theirs, by the run's logical rules; prompts are encoded online
+  (any prompt works). Raises CheckpointError (no checkpoint) or ConfigError (a mesh that does not
+  fit, a missing frozen model), naming what is wrong.
   """
   from li_dit.io import checkpoints  # Entry points only: keeps training imports lean.
-  with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
+  with checkpoints.Checkpointer(workdir, async_save=False, create=False) as ckpt:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
     config = ckpt.restore_config(step)
-    space = latents.from_config(config)
-    conditioner = conditioning.TextConditioner(build_encoders(config.text), conditioning.ONLINE)
+    mesh, rules = _sampling_mesh(config, mesh_sizes)
+    space = latents.from_config(config, mesh, rules)
+    conditioner = conditioning.TextConditioner(build_encoders(config.text, mesh, rules),
+                                               conditioning.ONLINE)
     model = build_model(config, len(conditioner.names))
-    size = config.input.image_size
-    text = conditioner.encode_prompts([""])
-    abstract = jax.eval_shape(
-        lambda: nn.unbox(model.init(jax.random.key(0),
-                                    jnp.zeros((1,) + space.latent_shape(size, size)),
-                                    jnp.zeros((1,)), text)["params"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+    abstract = abstract_params(model, conditioner, space, config.input.image_size)
+    shardings = sharding.divisible_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract),
+                                             mesh, rules)
+    target = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(abstract),
+        shardings)
     item = "ema_params" if ema else "params"
-    params = ckpt.restore(step, {item: abstract})[item]
-  generator = Generator(model, conditioner, space, (size, size), time_shift(config))
-  return config, generator, params, step
+    params = ckpt.restore(step, {item: target})[item]
+  return config, Generator(model, conditioner, space, config, mesh, rules), params, step
+
+
+def _sampling_mesh(config: ml_collections.ConfigDict, sizes: Mapping[str, int] | None
+                   ) -> tuple[jax.sharding.Mesh, Any]:
+  """The mesh (over this process's first devices) and logical rules a run samples with."""
+  devices = jax.local_devices()
+  sizes = fit_mesh(config.mesh, len(devices)) if sizes is None else dict(sizes)
+  count = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
+  try:
+    mesh = sharding.make_mesh(sizes, devices[:count])
+    rules = sharding.rules_from_config(config.sharding_rules)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"--mesh: {e}") from e
+  return mesh, rules

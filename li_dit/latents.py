@@ -27,6 +27,7 @@ import numpy as np
 
 from li_dit import config_lib
 from li_dit.data import records
+from li_dit.io import architectures
 from li_dit.io import diffusers_vae
 from li_dit.models import vae as vae_lib
 from li_dit.parallel import sharding
@@ -133,6 +134,23 @@ def check_vae_fits(config: ml_collections.ConfigDict, vae_config: vae_lib.VAECon
           f"config.input.buckets: {tuple(bucket)} has a side not divisible by {why}")
 
 
+def read_vae_config(path: str, planned: bool = False) -> vae_lib.VAEConfig:
+  """The VAEConfig of config.vae.path (ConfigError naming the field). `planned`: a path that is
+  not on this machine may name a published VAE (li_dit.io.architectures), as a run planned here
+  for a pod whose workers hold the VAE."""
+  try:
+    return diffusers_vae.read_vae_config(path)
+  except FileNotFoundError as e:
+    if not planned:
+      raise config_lib.ConfigError(f"config.vae.path: {e}") from e
+    try:
+      return architectures.known_vae_config(path)
+    except ValueError as unknown:
+      raise config_lib.ConfigError(f"config.vae.path: {unknown}") from e
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.vae.path: {e}") from e
+
+
 def from_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
                 rules: Any = None, load: bool = True) -> ImageSpace:
   """The image space of a run's config, its VAE checked against the config before any weight is
@@ -141,24 +159,20 @@ def from_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
   Args:
     mesh, rules: put the VAE's parameters on `mesh` by the logical `rules` (else: the default
       device).
-    load: False gives the parameters as ShapeDtypeStructs, read from nothing but config.json
-      (ahead-of-time compiles).
+    load: False gives the parameters as ShapeDtypeStructs, read from nothing but config.json,
+      or a published VAE's architecture when the path is not on this machine (ahead-of-time
+      compiles, run cards).
   """
   # Runs saved before config.vae existed were all in pixel space.
   vae_fields = config.get("vae") or ml_collections.ConfigDict(dict(path=""))
   if not vae_fields.path:
-    # A planned compile may stand a C-channel "image" in for latents (configs/li_dit_1b.py);
-    # real data is RGB.
-    if load and config.model.channels != RGB:
+    if config.model.channels != RGB:
       raise config_lib.ConfigError(
           f"config.model.channels: {config.model.channels} in pixel space (config.vae.path is "
           f"empty), where the data is RGB ({RGB} channels); give config.vae.path a VAE with "
           f"{config.model.channels} latent channels")
     return ImageSpace(config.model.channels)
-  try:
-    vae_config = diffusers_vae.read_vae_config(vae_fields.path)
-  except (OSError, ValueError) as e:
-    raise config_lib.ConfigError(f"config.vae.path: {e}") from e
+  vae_config = read_vae_config(vae_fields.path, planned=not load)
   check_vae_fits(config, vae_config)
   dtype = jnp.dtype(vae_fields.dtype)
   if load:

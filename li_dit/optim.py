@@ -17,9 +17,19 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
       end_value=optim.lr * optim.final_lr_ratio)
 
 
-def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and conv kernels only, not on biases and norm scales."""
-  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+# Leaf names of the weights that multiply activations (Dense and conv kernels, embedding
+# tables): these are decayed. Biases (modulation biases included) and norm scales are not,
+# whatever their rank: scanned blocks stack every leaf to 2-D and more.
+DECAYED_NAMES = ("kernel", "embedding")
+
+
+def decay_mask(params: Any) -> Any:
+  """A tree of bools like `params`: True where AdamW's weight decay applies (by leaf name)."""
+  def decayed(path, _):
+    # The last dict key: boxed (logically partitioned) leaves add an attribute key after it.
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in DECAYED_NAMES
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict,
@@ -28,7 +38,7 @@ def make_optimizer(optim: ml_collections.ConfigDict,
   tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, mask=_decay_mask))
+                  weight_decay=optim.weight_decay, mask=decay_mask))
   return tx, schedule
 
 

@@ -1,5 +1,5 @@
 """The train step and everything it is built from, shared by `li_dit.train` and ahead-of-time
-compiles (`tools/aot_compile.py`): model, optimizer, state and frozen-side shardings, FLOPs.
+compiles (`tools/aot_compile.py`): model, optimizer, state and frozen-side shardings.
 
 The frozen side is one pytree passed into the step, {"text": TextConditioner.frozen(),
 "vae": ImageSpace.frozen()} (`frozen_arrays`): LLMs, prefixes or tables, and the VAE.
@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 
 from li_dit import config_lib
-from li_dit import flops as flops_lib
 from li_dit import generate
 from li_dit import latents
 from li_dit import optim
@@ -168,19 +167,6 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
   return StepPlan(model, rules, lambda rng: nn.unbox(init_state(rng)),
                   state_shardings, frozen_shardings, train_step)
-
-
-def train_step_flops(config: ml_collections.ConfigDict,
-                     conditioner: conditioning.TextConditioner, space: latents.ImageSpace
-                     ) -> dict[str, int]:
-  """Model FLOPs of one train step of `config` over its global batch (li_dit.flops), on the
-  DiT's input size; the VAE's encoder is not counted."""
-  texts = [flops_lib.TextShape(e.layout.prefix_len, e.layout.length, e.config, e.spec.layer)
-           for e in conditioner.encoders.values()]
-  latent_size = config.input.image_size // space.factor
-  return flops_lib.train_step_flops(
-      li_dit.ModelConfig(**config.model.to_dict()), latent_size, texts,
-      config.input.batch_size, online=config.text.encode == conditioning.ONLINE)
 
 
 def example_text_batch(conditioner: conditioning.TextConditioner, batch_size: int

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ from li_dit import generate
 from li_dit import latent_cache
 from li_dit import latents
 from li_dit import metrics as metrics_lib
+from li_dit import run_card
 from li_dit import step as step_lib
 from li_dit.data import pipeline
 from li_dit.io import checkpoints
@@ -128,6 +130,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   # The frozen text side: LLMs (loaded straight into their shards), their instruction prefixes,
   # and (cached mode) the feature table.
   encoders = generate.build_encoders(config.text, mesh, rules)
+  # What the run will do, as tools/run_card.py says it before anything is loaded.
+  card = run_card.make(config, encoders, space, mesh.shape)
+  if is_main:
+    (epath.Path(workdir) / "run_card.json").write_text(json.dumps(card, indent=2))
+    print(run_card.describe(card), flush=True)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
   if config.text.encode == conditioning.CACHED:
     # Process 0 alone reads and writes the cache file (no two processes write it at once); the
@@ -137,7 +144,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   plan = step_lib.plan_step(config, mesh, conditioner, space)
   frozen = jax.device_put(step_lib.frozen_arrays(conditioner, space), plan.frozen_shardings)
   model = plan.model
-  size = config.input.image_size
 
   # Everything opened from here on (checkpoint manager, data iterator and its worker processes,
   # metric files) is closed on every way out: the end, SIGTERM's exit, an exception.
@@ -182,28 +188,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
         logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run "
                         "has %d: the data restarts at global batch %d, where the saved run would "
                         "have continued", start, saved_by, jax.process_count(), start)
+    elif config.init_from:
+      state = initialize_from(config.init_from, state)
 
-    generator = generate.Generator(model, conditioner, space, (size, size),
-                                   generate.time_shift(config))
-    sample_text = generator.encode(list(config.sample.prompts)) if config.sample.prompts else None
+    # Sample grids run on the training mesh, the EMA parameters where they are.
+    generator = generate.Generator(model, conditioner, space, config, mesh, rules)
     writer = opened.enter_context(metrics_lib.MetricWriter(workdir, enabled=is_main))
-    step_flops = step_lib.train_step_flops(config, conditioner, space)
     peak, peak_source = flops_lib.peak_flops()
     if is_main:
-      print(f"model FLOPs per step: {step_flops['total'] / 1e12:.4g} TFLOP (DiT "
-            f"{step_flops['dit'] / 1e12:.4g}, refiners {step_flops['refiners'] / 1e12:.4g}, "
-            f"LLMs {step_flops['llms'] / 1e12:.4g}); peak {peak / 1e12:.4g} TFLOP/s "
-            f"({peak_source})", flush=True)
+      parts = card["model_tflops_per_step_by_part"]
+      print(f"model FLOPs per step: {card['model_tflops_per_step']:.4g} TFLOP (DiT "
+            f"{parts['dit']:.4g}, refiners {parts['refiners']:.4g}, LLMs {parts['llms']:.4g}); "
+            f"peak {peak / 1e12:.4g} TFLOP/s ({peak_source})", flush=True)
     progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
-                                    step_flops["total"], peak, mesh.size)
+                                    card["model_tflops_per_step"] * 1e12, peak, mesh.size)
     preemption = Preemption()
 
     def write_samples(step: int):
-      if sample_text is None:
+      if not config.sample.prompts:
         return
       # Every process runs the sampler (the EMA params are sharded over all of them).
-      images = generator.sample(state.ema_params, sample_text, config.sample.seed,
-                                config.sample.steps, config.sample.cfg, config.sample.sampler)
+      images = generator(state.ema_params, list(config.sample.prompts), config.sample.seed,
+                         config.sample.steps, config.sample.cfg, config.sample.sampler)
       if is_main:
         generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
 
@@ -239,6 +245,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
         sys.exit(143)  # The ExitStack closes the iterator, the writer and the checkpointer.
     ckpt.wait()
   return state
+
+
+def initialize_from(path: str, state: step_lib.TrainState) -> step_lib.TrainState:
+  """`state` with the parameters and EMA of another run's checkpoint (config.init_from: a
+  workdir, its latest checkpoint, or <workdir>/checkpoints/<step>), restored into `state`'s
+  shardings; the optimizer state stays fresh. Every leaf's shape is checked before anything is
+  read: ConfigError naming the parameter and both shapes."""
+  workdir, step = checkpoints.parse_checkpoint_path(path)
+  abstract = {"params": checkpoints.abstract_like(state.params),
+              "ema_params": checkpoints.abstract_like(state.ema_params)}
+  try:
+    with checkpoints.Checkpointer(workdir, create=False) as source:
+      step = source.latest_step() if step is None else step
+      if step is None:
+        raise checkpoints.CheckpointError(f"no checkpoint in {source.manager.directory}")
+      for item, tree in abstract.items():
+        source.check_shapes(step, item, tree)
+      restored = source.restore(step, abstract)
+  except checkpoints.CheckpointError as e:
+    raise config_lib.ConfigError(f"config.init_from={path!r}: {e}") from e
+  if jax.process_index() == 0:
+    print(f"initialized parameters and EMA from step {step} of {workdir} (config.init_from); "
+          "optimizer and data start fresh", flush=True)
+  return state.replace(**restored)
 
 
 def _skipped_counts(summary: dict[str, float]) -> dict[str, float]:

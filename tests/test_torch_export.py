@@ -300,9 +300,8 @@ def _pipeline_psnr(workdir: str, out: str, tmp_path) -> float:
   config, generator, params, _ = generate.load_run(workdir, ema=False)
   want = generator(params, PROMPTS, seed=seed, steps=config.sample.steps,
                    cfg_scale=config.sample.cfg, sampler=config.sample.sampler)
-  # generate.Generator.sample's noise, NHWC -> the pipeline's NCHW.
-  noise = jax.random.normal(jax.random.key(seed), (len(PROMPTS),) + generator.latent_shape,
-                            jnp.float32)
+  # generate.Generator's noise, NHWC -> the pipeline's NCHW.
+  noise = generator.noise(seed, len(PROMPTS), (config.input.image_size,) * 2)
   np.save(tmp_path / "noise.npy", np.asarray(noise).transpose(0, 3, 1, 2))
   image = tmp_path / "images.png"
   result = subprocess.run(

@@ -8,11 +8,12 @@ Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the 
 devices of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one
 `li_dit.train` runs (li_dit.step_lib.plan_step), with the config's mesh, sharding rules, remat and
 dtypes; with online text encoding the frozen LLMs' forward is part of it. LLM weights are not
-read: their architecture comes from their config file when the path exists here, else from
-`li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B); the chat template's prefix and
-suffix lengths, which a tokenizer would decide, are --prefix_tokens and --suffix_tokens.
-With config.vae.path, the VAE's encoder is part of the step too (its config.json is read, its
-weights are not).
+read: their architecture and tokenizer come from their files when the path exists here, else
+the architecture from `li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B) and the
+chat template's prefix and suffix lengths, which a tokenizer would decide, from --prefix_tokens
+and --suffix_tokens. With config.vae.path, the VAE's encoder is part of the step too (its
+config.json is read, or a published VAE's architecture, li_dit.io.architectures; never its
+weights). --json includes the run card (li_dit.run_card).
 
 Prints per-chip memory (arguments, outputs, temporaries, peak) against the chip's HBM, model
 TFLOPs per step (li_dit.flops) and the step time at 100% and 50% MFU; --json writes the same.
@@ -35,11 +36,11 @@ from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
 from li_dit import latents  # noqa: E402
+from li_dit import run_card  # noqa: E402
 from li_dit import step as step_lib  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
 from li_dit.text import conditioning  # noqa: E402
-from li_dit.text import encoders as encoders_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16 or v5p:8x8x16.")
@@ -77,9 +78,7 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
     raise ValueError(f"--topology={topology}: {e}") from e
   chip = tpu.chip(devices[0].device_kind)
   mesh = step_lib.make_mesh(config, devices)
-  encoders = {name: encoders_lib.PromptEncoder.planned(
-      {"name": name, **config.text.llms[name].to_dict()}, prefix_tokens, suffix_tokens)
-              for name in sorted(config.text.llms)}
+  encoders = run_card.planned_encoders(config, prefix_tokens, suffix_tokens)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
   space = latents.from_config(config, load=False)
   step = step_lib.plan_step(config, mesh, conditioner, space)
@@ -91,7 +90,8 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
   batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                          sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
                  for k, v in local.items()}
-  step_flops = step_lib.train_step_flops(config, conditioner, space)
+  card = run_card.make(config, encoders, space, mesh.shape)
+  step_flops = run_card.step_flops(config, encoders, space)
   result = {
       "topology": topology, "slices": num_slices, "chips": len(devices),
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
@@ -103,7 +103,8 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
       "tflops_per_step": {k: v / 1e12 for k, v in step_flops.items()},
       "seconds_per_step_at_mfu": {
           f"{m:.0%}": step_flops["total"] / (m * chip.peak_flops * len(devices))
-          for m in (1.0, 0.5)}}
+          for m in (1.0, 0.5)},
+      "run_card": card}
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(step.rules):
       compiled = step.train_step.lower(state, frozen, batch_specs).compile()

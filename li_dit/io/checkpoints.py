@@ -17,6 +17,7 @@ import grain.checkpoint
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from li_dit import config_lib
 from li_dit.io import paths
@@ -37,7 +38,10 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """One run's CheckpointManager (every process must create it and join saves/restores)."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True):
+    """`create`: make <workdir>/checkpoints if missing (False: a run only read from)."""
+    if not create and not epath.Path(checkpoint_dir(workdir)).is_dir():
+      raise CheckpointError(f"no checkpoints in {workdir} (no {checkpoint_dir(workdir)})")
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["data"] = grain.checkpoint.CheckpointHandler()
     handlers["config"] = ocp.JsonCheckpointHandler()
@@ -46,7 +50,7 @@ class Checkpointer:
         checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
-                                             create=True),
+                                             create=create),
         item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -78,6 +82,26 @@ class Checkpointer:
     if data_iterator is not None:
       self._restore(step, {"data": grain.checkpoint.CheckpointRestore(data_iterator)})
     return {name: restored[name] for name in abstract}
+
+  def check_shapes(self, step: int, item: str, abstract: Any) -> None:
+    """Raises CheckpointError unless array item `item` of `step` has the tree and leaf shapes of
+    `abstract` (arrays or ShapeDtypeStructs); reads metadata only. The message names the first
+    parameter path that differs and both shapes."""
+    self._check_step(step)
+    saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+             jax.tree_util.tree_leaves_with_path(dict(self.manager.item_metadata(step)[item]))}
+    wanted = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    where = f"checkpoint step {step} in {self.manager.directory}, item {item}"
+    for path in sorted(wanted.keys() | saved.keys()):
+      if path not in saved:
+        raise CheckpointError(f"{where}: has no parameter {path} (the model's is "
+                              f"{wanted[path]})")
+      if path not in wanted:
+        raise CheckpointError(f"{where}: parameter {path} {saved[path]} is not in the model")
+      if saved[path] != wanted[path]:
+        raise CheckpointError(f"{where}: parameter {path} has shape {saved[path]}, the model's "
+                              f"is {wanted[path]}")
 
   def data_process_count(self, step: int) -> int | None:
     """How many processes saved the data-iterator state of `step` (None: it has none).
@@ -126,6 +150,14 @@ class Checkpointer:
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} does not match "
                             f"the model or is incomplete: {e}") from e
+
+
+def parse_checkpoint_path(path: str) -> tuple[str, int | None]:
+  """A run's workdir, or <workdir>/checkpoints/<step> -> (workdir, step; None: the latest)."""
+  parts = path.rstrip("/").rsplit("/", 2)
+  if len(parts) == 3 and parts[1] == "checkpoints" and parts[2].isdigit():
+    return parts[0] or "/", int(parts[2])
+  return path, None
 
 
 def abstract_like(tree: Any) -> Any:

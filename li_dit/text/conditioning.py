@@ -87,7 +87,7 @@ class TextConditioner:
     self.names = tuple(self.encoders)
     self.mode = mode
     self._batch_size = batch_size
-    self._encode = jax.jit(self._encode_tokens)
+    self._encode = jax.jit(self.encode_tokens)
     # Planned encoders (ShapeDtypeStruct weights, to compile ahead of time) get abstract prefixes.
     self.prefixes = {
         n: (jax.eval_shape(e.compute_prefix, e.params) if _is_abstract(e.params)
@@ -118,7 +118,7 @@ class TextConditioner:
       part = list(prompts[start:start + self._batch_size])
       pad = self._batch_size - len(part) if start else 0  # One compiled shape after the first.
       tokens = self.tokenize(part + [""] * pad)
-      feats = self._encode(self._llm_state(), tokens)
+      feats = self._encode(self.llm_state(), tokens)
       chunks.append([TextFeatures(f.prefix, f.tokens[:len(part)], f.mask[:len(part)])
                      for f in feats])
     return [TextFeatures(chunks[0][i].prefix,
@@ -154,7 +154,7 @@ class TextConditioner:
   def frozen(self) -> dict[str, Any]:
     """The arrays the jitted text path needs, as a pytree."""
     if self.mode == ONLINE:
-      return self._llm_state()
+      return self.llm_state()
     if not self.tables:
       raise RuntimeError("cached text mode: call build_table() first")
     return {n: {"prefix": self.prefixes[n].features, "table": self.tables[n]} for n in self.names}
@@ -176,18 +176,23 @@ class TextConditioner:
                ) -> list[TextFeatures]:
     """Pure and jit-able: a batch's text inputs -> one TextFeatures per LLM (no gradient)."""
     if self.mode == ONLINE:
-      return self._encode_tokens(frozen, text_batch)
+      return self.encode_tokens(frozen, text_batch)
     ids = text_batch["caption_id"]
     return [TextFeatures(frozen[n]["prefix"], frozen[n]["table"][0][ids],
                          frozen[n]["table"][1][ids]) for n in self.names]
 
-  def _llm_state(self) -> dict[str, Any]:
+  def llm_state(self) -> dict[str, Any]:
+    """Each LLM's weights and encoded instruction prefix (in any mode: generation encodes any
+    prompt), as a pytree."""
     return {n: {"params": e.params, "prefix": self.prefixes[n]} for n, e in self.encoders.items()}
 
-  def _encode_tokens(self, frozen, text_batch) -> list[TextFeatures]:
+  def encode_tokens(self, llm_state: Mapping[str, Any], text_batch: Mapping[str, jax.Array]
+                    ) -> list[TextFeatures]:
+    """Pure and jit-able: token rows {"tokens/<llm>", "mask/<llm>"} [B,L] -> one TextFeatures
+    per LLM (no gradient)."""
     out = []
     for name, enc in self.encoders.items():
-      state = frozen[name]
+      state = llm_state[name]
       feats = enc.encode(state["params"], state["prefix"], text_batch[f"tokens/{name}"],
                          text_batch[f"mask/{name}"])
       out.append(TextFeatures(state["prefix"].features, feats, text_batch[f"mask/{name}"]))

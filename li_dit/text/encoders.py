@@ -123,15 +123,17 @@ class PromptEncoder:
     _, self.params, self.tokenizer = load_llm(self.path, self.spec.layer, dtype, shardings)
     self.layout = prompts_lib.build_layout(self.tokenizer, self.spec.template,
                                            self.spec.max_tokens)
+    self.layout_estimated = False
 
   @classmethod
   def planned(cls, config: Mapping[str, Any], prefix_len: int, suffix_len: int
               ) -> "PromptEncoder":
-    """An encoder of the right shapes without weights or tokenizer, to compile and plan runs.
+    """An encoder of the right shapes without weights, to compile and plan runs.
 
-    `params` are ShapeDtypeStructs; the architecture comes from the LLM's files when `path`
-    exists, else from `li_dit.io.architectures`. The prompt layout has `prefix_len` and
-    `suffix_len` template tokens (which a tokenizer would decide).
+    `params` are ShapeDtypeStructs. Where the LLM's files are on this machine, its architecture
+    and tokenizer come from them (the prompt layout is the real one); else the architecture comes
+    from `li_dit.io.architectures` and the layout has `prefix_len` and `suffix_len` template
+    tokens (which a tokenizer would decide; `layout_estimated` is then True).
     """
     self = cls.__new__(cls)
     self.spec = EncoderSpec(**dict(config.items()))
@@ -142,10 +144,16 @@ class PromptEncoder:
     except (ValueError, FileNotFoundError):
       self.path = self.spec.path
       self.config = architectures.known_llm_config(self.spec.path)
+      self.tokenizer = None
+      self.layout = prompts_lib.PromptLayout((0,) * prefix_len, (0,) * suffix_len,
+                                             self.spec.max_tokens, pad_id=0)
+    else:
+      self.tokenizer = (gguf_io.load_gguf_tokenizer(self.path) if self.path.endswith(".gguf")
+                        else hf.load_hf_tokenizer(self.path))
+      self.layout = prompts_lib.build_layout(self.tokenizer, self.spec.template,
+                                             self.spec.max_tokens)
+    self.layout_estimated = self.tokenizer is None
     dtype = _DTYPES[self.spec.dtype]
-    self.tokenizer = None
-    self.layout = prompts_lib.PromptLayout((0,) * prefix_len, (0,) * suffix_len,
-                                           self.spec.max_tokens, pad_id=0)
     self.module = llm.DecoderLLM(self.config, layer=self.spec.layer, dtype=dtype,
                                  param_dtype=dtype)
     self.params = nn.unbox(self._abstract_params())
@@ -161,7 +169,8 @@ class PromptEncoder:
     stat = os.stat(self.path)
     return dict(path=os.path.realpath(self.path), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
                 layer=self.spec.layer, template=self.spec.template,
-                max_tokens=self.spec.max_tokens, dtype=self.spec.dtype)
+                max_tokens=self.spec.max_tokens, dtype=self.spec.dtype,
+                row_format=prompts_lib.ROW_FORMAT)
 
   def logical_specs(self) -> Params:
     """Logical PartitionSpecs of `params` (the LLM's axis names: vocab, embed, heads, mlp, ...)."""

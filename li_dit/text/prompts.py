@@ -21,6 +21,9 @@ INSTRUCTION = ("Describe the image by detailing the color, shape, size, texture,
                "and spatial relationships of the objects:")
 SYSTEM_PROMPT = "You are an assistant that describes images in detail for an image generator."
 TEMPLATES = ("paper", "none")
+# Changes when the same prompt and layout give other rows (2: an empty row holds one pad token),
+# so features cached under an older format are not reused.
+ROW_FORMAT = 2
 
 # Stands in for the prompt when rendering the chat template, to find where the prompt goes.
 _PLACEHOLDER = "<<li_dit_prompt_placeholder>>"
@@ -105,7 +108,10 @@ def tokenize_prompts(tokenizer: transformers.PreTrainedTokenizerBase, layout: Pr
   """Rows [prompt ids (truncated to max_prompt_tokens) | suffix ids | padding] of length L.
 
   Prompts are stripped of surrounding whitespace; an empty prompt (the classifier-free guidance
-  null condition) gives just the suffix.
+  null condition) gives just the suffix, or, where the template has none ("none", or a tokenizer
+  without a chat template), one valid `pad_id` token (the tokenizer's pad or end-of-text token):
+  every row keeps at least one valid token, so cross-attention never averages over padding alone
+  (where XLA, splash attention and PyTorch would each give something else).
   """
   texts = [layout.prompt_lead + p.strip() if p.strip() else "" for p in prompts]
   ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -114,7 +120,7 @@ def tokenize_prompts(tokenizer: transformers.PreTrainedTokenizerBase, layout: Pr
   num_truncated = 0
   for i, row in enumerate(ids):
     num_truncated += len(row) > layout.max_prompt_tokens
-    row = list(row[:layout.max_prompt_tokens]) + list(layout.suffix_ids)
+    row = list(row[:layout.max_prompt_tokens]) + list(layout.suffix_ids) or [layout.pad_id]
     tokens[i, :len(row)] = row
     mask[i, :len(row)] = True
   return TokenizedPrompts(tokens, mask, num_truncated)

@@ -55,31 +55,58 @@ def planned_encoders(config: ml_collections.ConfigDict, prefix_tokens: int = 64,
   return encoders
 
 
-def param_counts(config: ml_collections.ConfigDict, encoders: Encoders,
-                 space: latents.ImageSpace) -> dict[str, int]:
-  """Parameters of the trainable model per '/'-joined leaf path, from jax.eval_shape."""
+def abstract_params(config: ml_collections.ConfigDict, encoders: Encoders,
+                    space: latents.ImageSpace) -> Any:
+  """The trainable model's parameters as boxed ShapeDtypeStructs (logical axes kept), from
+  jax.eval_shape; only the LLMs' widths are needed of them."""
   model = generate.build_model(config, len(encoders))
   size = config.input.image_size
   text = [li_dit.TextFeatures(jax.ShapeDtypeStruct((4, e.width), jnp.float32),
                               jax.ShapeDtypeStruct((1, 8, e.width), jnp.float32),
                               jax.ShapeDtypeStruct((1, 8), jnp.bool_)) for e in encoders.values()]
-  shapes = jax.eval_shape(
-      lambda x, t, txt: nn.unbox(model.init(jax.random.key(0), x, t, txt)["params"]),
+  return jax.eval_shape(
+      lambda x, t, txt: model.init(jax.random.key(0), x, t, txt)["params"],
       jax.ShapeDtypeStruct((1,) + space.latent_shape(size, size), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32), text)
-  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  return {"/".join(k.key for k in path): math.prod(leaf.shape) for path, leaf in flat}
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+  """A parameter's tree path as "module/.../leaf" (dict keys only; boxes add none)."""
+  return "/".join(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def param_counts(config: ml_collections.ConfigDict, encoders: Encoders,
+                 space: latents.ImageSpace) -> dict[str, int]:
+  """Parameters of the trainable model per '/'-joined leaf path, from jax.eval_shape."""
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config, encoders,
+                                                                       space)))[0]
+  return {leaf_name(path): math.prod(leaf.shape) for path, leaf in flat}
+
+
+def _text_shapes(encoders: Encoders) -> list[flops_lib.TextShape]:
+  return [flops_lib.TextShape(e.layout.prefix_len, e.layout.length, e.config, e.spec.layer)
+          for e in encoders.values()]
+
+
+def forward_flops(config: ml_collections.ConfigDict, encoders: Encoders,
+                  space: latents.ImageSpace) -> dict[str, int]:
+  """Forward model FLOPs of one example at the square image size (li_dit.flops): "refiners",
+  "dit", and "llms" (one prompt row through every LLM, after its cached prefix)."""
+  texts = _text_shapes(encoders)
+  out = flops_lib.model_forward_flops(li_dit.ModelConfig(**config.model.to_dict()),
+                                      config.input.image_size // space.factor, texts)
+  out["llms"] = sum(flops_lib.llm_forward_flops(t) for t in texts)
+  return out
 
 
 def step_flops(config: ml_collections.ConfigDict, encoders: Encoders,
                space: latents.ImageSpace) -> dict[str, int]:
   """Model FLOPs of one train step of `config` over its global batch (li_dit.flops), at the
   DiT's input size; the VAE's encoder is not counted."""
-  texts = [flops_lib.TextShape(e.layout.prefix_len, e.layout.length, e.config, e.spec.layer)
-           for e in encoders.values()]
   return flops_lib.train_step_flops(
       li_dit.ModelConfig(**config.model.to_dict()), config.input.image_size // space.factor,
-      texts, config.input.batch_size, online=config.text.encode == conditioning.ONLINE)
+      _text_shapes(encoders), config.input.batch_size,
+      online=config.text.encode == conditioning.ONLINE)
 
 
 def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1

@@ -100,3 +100,22 @@ def _sharded_check() -> None:
 @pytest.mark.slow  # About 3 minutes: the interpreted kernel in every attention of the model.
 def test_splash_inside_shard_map_on_a_4_device_mesh_equals_xla():
   assert "SHARDED OK" in smoke_runs.call_with_devices("test_attention", "_sharded_check", 4)
+
+
+def test_null_prompt_rows_attend_alike_in_splash_and_xla():
+  """Cross-attention to the empty prompt's rows under the "none" template (no suffix): with the
+  one valid token every row keeps, splash gives XLA's outputs; with no valid key at all (what
+  such rows were) the two disagree, which is why rows never have none."""
+  from li_dit.io import gguf as gguf_io  # pylint: disable=g-import-not-at-top
+  from li_dit.io import packaged  # pylint: disable=g-import-not-at-top
+  from li_dit.text import prompts  # pylint: disable=g-import-not-at-top
+  tokenizer = gguf_io.load_gguf_tokenizer(packaged.resolve_llm_path("smollm2-135m-instruct"))
+  layout = prompts.build_layout(tokenizer, "none", max_prompt_tokens=16)
+  mask = jnp.asarray(prompts.tokenize_prompts(tokenizer, layout, ["", ""]).mask)
+  q, k, v, _ = _inputs(2, 64, layout.length, 2, 32, 1.0)
+  run = lambda m, impl: np.asarray(jax.jit(
+      lambda q, k, v: attention.dot_product_attention(q, k, v, m, impl))(q, k, v))
+  assert int(mask.sum()) == 2
+  np.testing.assert_allclose(run(mask, "splash"), run(mask, "xla"), rtol=1e-5, atol=1e-6)
+  none = jnp.zeros_like(mask)
+  assert np.abs(run(none, "splash") - run(none, "xla")).max() > 1e-3

@@ -91,3 +91,23 @@ def test_paper_template_without_chat_template(tokenizer):
 def test_bad_template(tokenizer):
   with pytest.raises(ValueError, match="'chat'.*valid: paper, none"):
     prompts.build_layout(tokenizer, "chat", max_prompt_tokens=8)
+
+
+@pytest.mark.parametrize("template, chat", [("none", True), ("paper", False), ("paper", True)])
+def test_the_empty_prompt_keeps_a_valid_token(tokenizer, template, chat):
+  """The classifier-free guidance null condition never has zero valid tokens: without a template
+  suffix ("none", or a tokenizer without a chat template) it is one pad token."""
+  plain = copy.deepcopy(tokenizer)
+  if not chat:
+    plain.chat_template = None
+  layout = prompts.build_layout(plain, template, max_prompt_tokens=6)
+  out = prompts.tokenize_prompts(plain, layout, ["", "  ", "Two cats"])
+  for tokens, mask in zip(out.tokens[:2], out.mask[:2]):
+    if layout.suffix_ids:
+      assert mask.sum() == len(layout.suffix_ids)
+    else:
+      assert mask.tolist() == [True] + [False] * (layout.length - 1)
+      assert tokens[0] == layout.pad_id
+  assert out.mask[2].sum() == len(tokenizer(" Two cats" if template == "paper" else "Two cats",
+                                            add_special_tokens=False)["input_ids"]) + len(
+                                                layout.suffix_ids)

@@ -176,3 +176,74 @@ def test_two_llms_demo_trains_and_samples(tmp_path):
                "--prompt", "a red circle", "--out", str(out), "--steps", "2"], timeout=900)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert Image.open(out).mode == "RGB"
+
+
+def test_the_run_card_is_printed_written_and_the_tools(reference_run, tmp_path):
+  workdir, proc = reference_run
+  assert "run card: 32x32 px -> DiT input 32x32x3, 64 image tokens" in proc.stdout
+  with open(os.path.join(workdir, "run_card.json")) as f:
+    card = json.load(f)
+  out = tmp_path / "card.json"
+  tool = _run([sys.executable, "tools/run_card.py", *SMOKE, "--devices", "1", "--json", str(out)])
+  assert tool.returncode == 0, tool.stderr[-2000:]
+  assert json.loads(out.read_text()) == card
+
+
+@pytest.mark.slow
+def test_a_second_stage_starts_from_the_first_runs_parameters(reference_run, tmp_path):
+  """config.init_from at twice the resolution: parameters and EMA of the reference run's
+  checkpoint, fresh optimizer (a learning rate of 1e-12 keeps them where they started)."""
+  reference = reference_run[0]
+  stage = tmp_path / "stage2"
+  common = ["--config.input.image_size=64", "--config.sample_every=0",
+            "--config.optim.lr=1e-12", "--config.optim.warmup_steps=0"]
+  proc = _run(_train_cmd(stage, f"--config.init_from={reference}", "--config.total_steps=2",
+                         *common))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"initialized parameters and EMA from step 12 of {reference}" in proc.stdout
+  assert "run card: 64x64 px" in proc.stdout
+  got, want = smoke_runs.params(str(stage), 2), smoke_runs.params(str(reference), 12)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-8, err_msg=name)
+  # A resume of the stage continues its own checkpoint: init_from is not read again.
+  resumed = _run(_train_cmd(stage, f"--config.init_from={reference}", "--config.total_steps=3",
+                            *common))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "initialized" not in resumed.stdout and "step 3/3" in resumed.stdout
+  # Another width: refused before anything is read, naming the parameter and both shapes.
+  bad = _run(_train_cmd(tmp_path / "bad", f"--config.init_from={reference}/checkpoints/10",
+                        "--config.model.width=32", "--config.model.num_heads=2"))
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+  message = bad.stderr.strip().splitlines()[-1]
+  assert message.startswith("li_dit.train: config.init_from=") and "checkpoint step 10" in message
+  assert "has shape (" in message and "the model's is (" in message, message
+
+
+@pytest.mark.slow
+def test_sampling_on_meshes_and_at_a_bucket_size(tmp_path):
+  """A run with a wide bucket samples the same images on one device and on fsdp=4 x tensor=2,
+  at its square size and at its wide bucket; a size it did not train on is refused."""
+  workdir = tmp_path / "run"
+  proc = _run(_train_cmd(workdir, "--config.total_steps=2", "--config.sample_every=0",
+                         "--config.input.buckets=((32,32),(32,64))"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  grids = {}
+  for mesh in ("data=1", "fsdp=4,tensor=2"):
+    for size in ("32x32", "32x64"):
+      out = tmp_path / f"{mesh}-{size}.png"
+      result = subprocess.run(
+          [sys.executable, "-m", "li_dit.sample", "--workdir", str(workdir), "--prompt",
+           "a red circle", "--prompt", "two blue squares", "--out", str(out), "--steps", "3",
+           "--scale", "1", "--mesh", mesh, "--size", size],
+          cwd=REPO, env=smoke_runs.environment(8), capture_output=True, text=True, timeout=600)
+      assert result.returncode == 0, result.stderr[-3000:]
+      grids[mesh, size] = np.asarray(Image.open(out)).astype(int)
+  assert grids["data=1", "32x64"].shape == (32, 128, 3)  # two 32x64 images side by side
+  for size in ("32x32", "32x64"):
+    diff = np.abs(grids["data=1", size] - grids["fsdp=4,tensor=2", size]).max()
+    print(f"{size}: largest pixel difference between the meshes {diff}")
+    assert diff <= 2
+  bad = _run([sys.executable, "-m", "li_dit.sample", "--workdir", str(workdir), "--prompt", "x",
+              "--out", str(tmp_path / "x.png"), "--size", "64x32"])
+  assert bad.returncode == 1 and "the run trained on 32x32, 32x64" in bad.stderr, bad.stderr

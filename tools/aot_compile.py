@@ -1,8 +1,13 @@
-r"""Compiles a config's real train step for a TPU topology on this machine and plans its memory.
+r"""Compiles a config's real train step, or its sampling program, for a TPU topology on this
+machine and plans its memory.
 
   python tools/aot_compile.py --config configs/li_dit_1b.py --topology v5e:16x16 \
       [--config.a.b=v ...] [--json plan.json] [--prefix_tokens 64 --suffix_tokens 8] \
-      [--num_slices 2 --config.dcn_mesh.data=2]
+      [--num_slices 2 --config.dcn_mesh.data=2] [--program sample [--sample_batch N]]
+
+--program sample compiles what li_dit.sample runs on the mesh: the EMA parameters, both LLMs
+and the VAE placed by the training rules, one batch of prompts encoded, the run's sampler
+(config.sample.steps, .sampler) with classifier-free guidance, the latents decoded to pixels.
 
 Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the CPU, on the
 devices of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one
@@ -21,6 +26,7 @@ Exits 1 when the step does not fit (the compiler's out-of-memory report is print
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -30,11 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
+from li_dit import generate  # noqa: E402
 from li_dit import latents  # noqa: E402
 from li_dit import run_card  # noqa: E402
 from li_dit import step as step_lib  # noqa: E402
@@ -50,6 +58,11 @@ _PREFIX = flags.DEFINE_integer("prefix_tokens", 64, "Template prefix tokens per 
 _SUFFIX = flags.DEFINE_integer("suffix_tokens", 8, "Template suffix tokens per LLM.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN "
                                "(multi-slice); the config's dcn_mesh spans them.")
+_PROGRAM = flags.DEFINE_enum("program", "train", ["train", "sample"],
+                             "train: the train step; sample: li_dit.sample's program (prompt "
+                             "encoding, the run's sampler with guidance, VAE decoding).")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", None, "--program sample: prompts per batch "
+                                     "(default: one per data-parallel device).", lower_bound=1)
 flags.mark_flags_as_required(["config", "topology"])
 
 _GIB = 2 ** 30
@@ -61,8 +74,9 @@ def _with_shardings(shapes, shardings):
 
 
 def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
-         num_slices: int = 1) -> dict:
-  """Compiles the train step of `config` for `topology`; returns the plan (see module doc)."""
+         num_slices: int = 1, program: str = "train", sample_batch: int | None = None) -> dict:
+  """Compiles `program` ("train": the train step; "sample": the sampling loop) of `config` for
+  `topology`; returns the plan (see module doc)."""
   config_lib.validate(config)
   if config.text.encode != conditioning.ONLINE:
     raise config_lib.ConfigError(
@@ -81,33 +95,31 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
   encoders = run_card.planned_encoders(config, prefix_tokens, suffix_tokens)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
   space = latents.from_config(config, load=False)
-  step = step_lib.plan_step(config, mesh, conditioner, space)
-
-  state = _with_shardings(jax.eval_shape(step.init_state, jax.random.key(0)),
-                          step.state_shardings)
-  frozen = _with_shardings(step_lib.frozen_arrays(conditioner, space), step.frozen_shardings)
-  local = step_lib.example_batch(config, conditioner, space)
-  batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                         sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
-                 for k, v in local.items()}
   card = run_card.make(config, encoders, space, mesh.shape)
-  step_flops = run_card.step_flops(config, encoders, space)
+  if program == "train":
+    rules, lower, args, flops = _train_program(config, mesh, conditioner, space)
+    batch = config.input.batch_size
+  else:
+    rules, lower, args, flops, batch = _sample_program(config, mesh, conditioner, space,
+                                                       sample_batch)
   result = {
-      "topology": topology, "slices": num_slices, "chips": len(devices),
+      "program": program, "topology": topology, "slices": num_slices, "chips": len(devices),
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
       "remat": config.model.remat, "attention": config.model.attention,
       "dtype": config.model.dtype,
-      "global_batch": config.input.batch_size, "image_size": config.input.image_size,
+      "global_batch": batch, "image_size": config.input.image_size,
       "llms": {n: os.path.basename(os.path.normpath(e.path)) for n, e in encoders.items()},
       "hbm_per_chip_gib": chip.hbm_bytes / _GIB,
-      "tflops_per_step": {k: v / 1e12 for k, v in step_flops.items()},
+      "tflops_per_step": {k: v / 1e12 for k, v in flops.items()},
       "seconds_per_step_at_mfu": {
-          f"{m:.0%}": step_flops["total"] / (m * chip.peak_flops * len(devices))
+          f"{m:.0%}": flops["total"] / (m * chip.peak_flops * len(devices))
           for m in (1.0, 0.5)},
       "run_card": card}
+  if program == "sample":
+    result.update(sampler=config.sample.sampler, sample_steps=config.sample.steps)
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(step.rules):
-      compiled = step.train_step.lower(state, frozen, batch_specs).compile()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      compiled = lower(*args).compile()
   except Exception as e:  # pylint: disable=broad-except
     message = str(e)
     if not re.search(r"RESOURCE_EXHAUSTED|[Oo]ut of memory", message):
@@ -136,12 +148,66 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
   return result
 
 
+def _train_program(config, mesh, conditioner, space):
+  """(rules, the train step's `lower`, its abstract arguments, model FLOPs by part)."""
+  step = step_lib.plan_step(config, mesh, conditioner, space)
+  state = _with_shardings(jax.eval_shape(step.init_state, jax.random.key(0)),
+                          step.state_shardings)
+  frozen = _with_shardings(step_lib.frozen_arrays(conditioner, space), step.frozen_shardings)
+  local = step_lib.example_batch(config, conditioner, space)
+  batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                         sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
+                 for k, v in local.items()}
+  flops = run_card.step_flops(config, conditioner.encoders, space)
+  return step.rules, step.train_step.lower, (state, frozen, batch_specs), flops
+
+
+def _sample_program(config, mesh, conditioner, space, batch: int | None):
+  """(rules, `lower` of the sampling program of li_dit.generate, its abstract arguments, model
+  FLOPs by part, the prompt batch): EMA parameters, LLMs and VAE on the mesh as li_dit.sample
+  places them, one batch of prompts (default: one per data-parallel device) at the square
+  image size, the run's sampler, steps and classifier-free guidance."""
+  rules = step_lib.check_batch_divides(config, mesh)
+  model = generate.build_model(config, len(conditioner.names))
+  generator = generate.Generator(model, conditioner, space, config, mesh, rules)
+  batch = batch or generator.batch_multiple
+  if batch % generator.batch_multiple:
+    raise config_lib.ConfigError(f"--sample_batch={batch} does not divide over the "
+                                 f"{generator.batch_multiple} data-parallel devices")
+  abstract = generate.abstract_params(model, conditioner, space, config.input.image_size)
+  params = _with_shardings(nn.unbox(abstract), sharding.divisible_shardings(
+      nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules))
+  llm_state = _with_shardings(conditioner.llm_state(), sharding.divisible_shardings(
+      conditioner.frozen_logical_specs(), conditioner.llm_state(), mesh, rules))
+  vae = _with_shardings(space.frozen(), sharding.divisible_shardings(
+      space.frozen_logical_specs(), space.frozen(), mesh, rules))
+  size = config.input.image_size
+  split = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
+  tokens = {k: split((batch,) + v.shape[1:], v.dtype)
+            for k, v in step_lib.example_text_batch(conditioner, 1).items()}
+  noise = split((batch,) + space.latent_shape(size, size), jnp.float32)
+  cfg = jax.ShapeDtypeStruct((), jnp.float32)
+  lower = functools.partial(generator.program.lower, steps=config.sample.steps,
+                            sampler=config.sample.sampler, shift=generate.time_shift(config))
+  calls = config.sample.steps if config.sample.sampler == "euler" else 2 * config.sample.steps - 1
+  forward = run_card.forward_flops(config, conditioner.encoders, space)
+  flops = {"dit": forward["dit"] * 2 * batch * calls,
+           "refiners": forward["refiners"] * 2 * batch * calls,
+           "llms": forward["llms"] * 2 * batch}
+  flops["total"] = sum(flops.values())
+  return rules, lower, (params, llm_state, vae, tokens, tokens, noise, cfg), flops, batch
+
+
 def _print(result: dict) -> None:
   slices = f" x {result['slices']} slices" if result["slices"] > 1 else ""
+  program = (f"sampling ({result['sampler']}, {result['sample_steps']} steps, guidance), "
+             f"{result['global_batch']} prompts" if result["program"] == "sample"
+             else f"train step, global batch {result['global_batch']}")
   print(f"{result['topology']}{slices} ({result['chips']} x {result['device_kind']}, "
         f"{result['hbm_per_chip_gib']:.0f} GiB HBM each), mesh {result['mesh']}, remat "
-        f"{result['remat']}, attention {result['attention']}, {result['dtype']}, global batch {result['global_batch']}, LLMs "
-        f"{', '.join(result['llms'].values()) or 'none'}")
+        f"{result['remat']}, attention {result['attention']}, {result['dtype']}, {program} at "
+        f"{result['image_size']}px, LLMs {', '.join(result['llms'].values()) or 'none'}")
   rows = [("arguments", "arguments_gib"), ("outputs (not aliased)", None),
           ("temporaries", "temporaries_gib"), ("peak", "peak_gib"),
           ("host (offloaded)", "host_temporaries_gib")]
@@ -155,8 +221,9 @@ def _print(result: dict) -> None:
       continue
     print(f"{label:<24}{value:>10.2f}")
   flops = result["tflops_per_step"]
-  print(f"model TFLOPs per step: {flops['total']:.1f} (DiT {flops['dit']:.1f}, refiners "
-        f"{flops['refiners']:.1f}, LLMs {flops['llms']:.1f}); step time at 100% / 50% MFU: "
+  what = "batch" if result["program"] == "sample" else "step"
+  print(f"model TFLOPs per {what}: {flops['total']:.1f} (DiT {flops['dit']:.1f}, refiners "
+        f"{flops['refiners']:.1f}, LLMs {flops['llms']:.1f}); {what} time at 100% / 50% MFU: "
         f"{result['seconds_per_step_at_mfu']['100%']:.2f} s / "
         f"{result['seconds_per_step_at_mfu']['50%']:.2f} s")
   if result["fits"]:
@@ -169,7 +236,8 @@ def _print(result: dict) -> None:
 def main(argv):
   del argv
   try:
-    result = plan(_CONFIG.value, _TOPOLOGY.value, _PREFIX.value, _SUFFIX.value, _SLICES.value)
+    result = plan(_CONFIG.value, _TOPOLOGY.value, _PREFIX.value, _SUFFIX.value, _SLICES.value,
+                  _PROGRAM.value, _SAMPLE_BATCH.value)
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"aot_compile: {e}")
   _print(result)

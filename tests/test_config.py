@@ -106,3 +106,19 @@ def test_train_rejects_a_batch_the_data_parallel_devices_do_not_divide(tmp_path)
   assert "Traceback" not in proc.stderr
   assert not (workdir / "checkpoints").exists()
   print(f"rejected after {time.perf_counter() - start:.1f} s (before the LLM is loaded)")
+
+
+def test_no_tpu_initialisation_noise_on_a_machine_without_one(tmp_path):
+  """libtpu is installed here (the test extra) but there is no TPU: JAX keeps to the CPU, prints
+  nothing of libtpu's, and leaves /tmp/libtpu_lockfile to the processes that compile for TPU.
+  The train step's first use of JAX (the config check on a mesh) is part of the run."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  for args in (["-m", "li_dit.train", "--help"],
+               ["-m", "li_dit.train", "--config", "configs/demo.py:smoke", "--workdir",
+                str(tmp_path / "run"), "--config.mesh.data=3"]):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu", "InitGoogle",
+                  "Unable to initialize backend 'tpu'"):
+      assert noise not in proc.stderr, proc.stderr[-2000:]
+  assert "config.mesh" in proc.stderr  # The second command ran as far as the mesh check.

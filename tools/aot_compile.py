@@ -33,6 +33,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The TPU compiler (libtpu) runs on this CPU machine: every platform, not li_dit's CPU default.
+os.environ.setdefault("JAX_PLATFORMS", "")
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

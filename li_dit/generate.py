@@ -195,18 +195,17 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: 
   path.write_bytes(buffer.getvalue())
 
 
-def abstract_params(model: li_dit.LIDiT, conditioner: conditioning.TextConditioner,
-                    space: latents.ImageSpace, size: int) -> Any:
+def abstract_params(model: li_dit.LIDiT, llm_widths: Sequence[int],
+                    latent_shape: tuple[int, int, int]) -> Any:
   """The model's parameters as boxed ShapeDtypeStructs (logical axis names kept), from
-  jax.eval_shape: nothing is computed or allocated."""
-  tokens = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-            for k, v in conditioner.tokenize([""]).items()}
-
-  def init(llm_state, tokens):
-    text = conditioner.encode_tokens(llm_state, tokens)
-    x = jnp.zeros((1,) + space.latent_shape(size, size), jnp.float32)
-    return model.init(jax.random.key(0), x, jnp.zeros((1,)), text)["params"]
-  return jax.eval_shape(init, conditioner.llm_state(), tokens)
+  jax.eval_shape: nothing is computed or allocated. Only the LLMs' widths shape them."""
+  text = [li_dit.TextFeatures(jax.ShapeDtypeStruct((4, width), jnp.float32),
+                              jax.ShapeDtypeStruct((1, 8, width), jnp.float32),
+                              jax.ShapeDtypeStruct((1, 8), jnp.bool_)) for width in llm_widths]
+  return jax.eval_shape(
+      lambda x, t, txt: model.init(jax.random.key(0), x, t, txt)["params"],
+      jax.ShapeDtypeStruct((1,) + tuple(latent_shape), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32), text)
 
 
 def load_run(workdir: str, step: int | None = None, ema: bool = True,
@@ -235,7 +234,9 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True,
     conditioner = conditioning.TextConditioner(build_encoders(config.text, mesh, rules),
                                                conditioning.ONLINE)
     model = build_model(config, len(conditioner.names))
-    abstract = abstract_params(model, conditioner, space, config.input.image_size)
+    size = config.input.image_size
+    abstract = abstract_params(model, [e.width for e in conditioner.encoders.values()],
+                               space.latent_shape(size, size))
     shardings = sharding.divisible_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract),
                                              mesh, rules)
     target = jax.tree_util.tree_map(

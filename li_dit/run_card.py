@@ -24,7 +24,6 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -57,17 +56,12 @@ def planned_encoders(config: ml_collections.ConfigDict, prefix_tokens: int = 64,
 
 def abstract_params(config: ml_collections.ConfigDict, encoders: Encoders,
                     space: latents.ImageSpace) -> Any:
-  """The trainable model's parameters as boxed ShapeDtypeStructs (logical axes kept), from
-  jax.eval_shape; only the LLMs' widths are needed of them."""
-  model = generate.build_model(config, len(encoders))
+  """The trainable model's parameters of `config` as boxed ShapeDtypeStructs (logical axes
+  kept), from jax.eval_shape."""
   size = config.input.image_size
-  text = [li_dit.TextFeatures(jax.ShapeDtypeStruct((4, e.width), jnp.float32),
-                              jax.ShapeDtypeStruct((1, 8, e.width), jnp.float32),
-                              jax.ShapeDtypeStruct((1, 8), jnp.bool_)) for e in encoders.values()]
-  return jax.eval_shape(
-      lambda x, t, txt: model.init(jax.random.key(0), x, t, txt)["params"],
-      jax.ShapeDtypeStruct((1,) + space.latent_shape(size, size), jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.float32), text)
+  return generate.abstract_params(generate.build_model(config, len(encoders)),
+                                  [e.width for e in encoders.values()],
+                                  space.latent_shape(size, size))
 
 
 def leaf_name(path: tuple[Any, ...]) -> str:

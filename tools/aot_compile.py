@@ -176,7 +176,7 @@ def _sample_program(config, mesh, conditioner, space, batch: int | None):
   if batch % generator.batch_multiple:
     raise config_lib.ConfigError(f"--sample_batch={batch} does not divide over the "
                                  f"{generator.batch_multiple} data-parallel devices")
-  abstract = generate.abstract_params(model, conditioner, space, config.input.image_size)
+  abstract = run_card.abstract_params(config, conditioner.encoders, space)
   params = _with_shardings(nn.unbox(abstract), sharding.divisible_shardings(
       nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules))
   llm_state = _with_shardings(conditioner.llm_state(), sharding.divisible_shardings(

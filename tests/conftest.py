@@ -1,10 +1,32 @@
-"""Per-test time limits: pytest.ini's `timeout` (pytest-timeout) for every test, `slow_timeout`
-for the tests marked slow, unless a test sets its own with @pytest.mark.timeout."""
+"""Suite-wide settings.
+
+Per-test time limits: pytest.ini's `timeout` (pytest-timeout) for every test, `slow_timeout` for
+the tests marked slow, unless a test sets its own with @pytest.mark.timeout.
+
+One persistent JAX compilation cache for the whole run, shared by the test processes, the xdist
+workers and every subprocess they start (through JAX_COMPILATION_CACHE_DIR): dozens of tests
+train, resume and sample the same small configs, and compiling their programs once instead of in
+every process is most of the suite's time. A cache the caller set (e.g. .ci/run, shared by its two
+runs) is used as is; otherwise a fresh one is made and removed at the end, so a run never reads
+programs compiled by an older checkout.
+"""
+import os
+import shutil
+import tempfile
+
 import pytest
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
   parser.addini("slow_timeout", "time limit in seconds of each test marked slow", default="2400")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  if not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="li_dit_jax_cache_")
+    config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,15 +9,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# These processes only compile for TPU topologies, so several may load libtpu at once (xdist
+# workers, another test's tool): without this, libtpu's /tmp/libtpu_lockfile lets one in at a time.
+LIBTPU_ENV = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
 def _aot(tmp_path, *args):
   """Runs the tool in its own process (libtpu serves one topology per process)."""
-  lockfile = "/tmp/libtpu_lockfile"
-  if os.path.exists(lockfile):
-    os.remove(lockfile)  # Left by an earlier process; libtpu refuses to start while it exists.
   out = tmp_path / "plan.json"
   result = subprocess.run(
       [sys.executable, "tools/aot_compile.py", "--json", str(out), *args], cwd=REPO,
-      capture_output=True, text=True, timeout=900)
+      capture_output=True, text=True, timeout=900, env=LIBTPU_ENV)
   plan = json.loads(out.read_text()) if out.exists() else None
   return result, plan
 
@@ -89,11 +91,8 @@ def test_multi_slice_mesh_keeps_each_slice_within_its_data_row():
           "print('SLICES', [[x.slice_index for x in row.flat] for row in m.devices])\n"
           "try:\n  sharding.make_mesh(dict(data=-1), d)\n"
           "except ValueError as e:\n  print('ERROR', e)\n")
-  lockfile = "/tmp/libtpu_lockfile"
-  if os.path.exists(lockfile):
-    os.remove(lockfile)
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=LIBTPU_ENV)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "SLICES [[0, 0, 0, 0], [1, 1, 1, 1]]" in result.stdout
   assert "ERROR the devices span 2 TPU slices" in result.stdout

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.models import llm as llm_lib
 from li_dit.parallel import tpu
 
@@ -38,7 +38,7 @@ def _attention(queries: int, keys: int, width: int) -> int:
   return 4 * queries * keys * width
 
 
-def model_forward_flops(model: li_dit.ModelConfig, image_size: int,
+def model_forward_flops(model: lidit.ModelConfig, image_size: int,
                         texts: Sequence[TextShape]) -> dict[str, int]:
   """Forward FLOPs of the trainable model for one example: {"refiners", "dit"}."""
   d, p, c = model.width, model.patch_size, model.channels
@@ -84,7 +84,7 @@ def llm_forward_flops(text: TextShape) -> int:
   return llm_lib.blocks_for_layer(cfg.num_layers, text.layer) * block
 
 
-def train_step_flops(model: li_dit.ModelConfig, image_size: int, texts: Sequence[TextShape],
+def train_step_flops(model: lidit.ModelConfig, image_size: int, texts: Sequence[TextShape],
                      batch_size: int, online: bool) -> dict[str, int]:
   """Model FLOPs of one train step over the global batch, by part, and their "total"."""
   forward = model_forward_flops(model, image_size, texts)

@@ -28,30 +28,10 @@ from li_dit.data import pipeline
 from li_dit.diffusion import flow
 from li_dit.diffusion import samplers
 from li_dit.models import layers
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
-
-
-def build_encoders(text_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
-                   rules: Any = None) -> dict[str, encoders_lib.PromptEncoder]:
-  """One frozen PromptEncoder per configured LLM, in the order of their names; with a mesh,
-  their weights are loaded straight into their shards (`PromptEncoder`)."""
-  return {name: encoders_lib.PromptEncoder(name=name, mesh=mesh, rules=rules,
-                                           **text_config.llms[name].to_dict())
-          for name in sorted(text_config.llms)}
-
-
-def build_model(config: ml_collections.ConfigDict, num_llms: int) -> li_dit.LIDiT:
-  return li_dit.LIDiT(li_dit.ModelConfig(**config.model.to_dict()), num_llms=num_llms)
-
-
-def time_shift(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> float:
-  """The resolution-dependent timestep shift at `size` = (height, width) pixels (default: the
-  square config.input.image_size); config.flow.base_size is the side whose shift is base_shift."""
-  height, width = size or (config.input.image_size,) * 2
-  return flow.resolution_shift(height * width, config.flow.base_size ** 2, config.flow.base_shift)
 
 
 def to_uint8(x: jax.Array) -> jax.Array:
@@ -97,7 +77,7 @@ class Generator:
     its time shift, image size and buckets), mesh, rules.
   """
 
-  def __init__(self, model: li_dit.LIDiT, conditioner: conditioning.TextConditioner,
+  def __init__(self, model: lidit.LIDiT, conditioner: conditioning.TextConditioner,
                space: latents.ImageSpace, config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh, rules: Any):
     self.model = model
@@ -153,11 +133,11 @@ class Generator:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       images = self.program(params, self.conditioner.llm_state(), self.space.frozen(), tokens,
                             null, noise, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
-                            shift=time_shift(self.config, size))
+                            shift=flow.time_shift(self.config, size))
     return np.asarray(images)[:len(prompts)]
 
 
-def _generate(model: li_dit.LIDiT, space: latents.ImageSpace,
+def _generate(model: lidit.LIDiT, space: latents.ImageSpace,
               conditioner: conditioning.TextConditioner, params: Any, llm_state: Any,
               frozen_vae: Any, tokens: dict[str, jax.Array], null_tokens: dict[str, jax.Array],
               noise: jax.Array, cfg_scale: jax.Array, steps: int, sampler: str, shift: float
@@ -165,7 +145,7 @@ def _generate(model: li_dit.LIDiT, space: latents.ImageSpace,
   """Token rows [B,L] per LLM and noise [B,h,w,C] -> uint8 images [B,H,W,3]."""
   text = conditioner.encode_tokens(llm_state, tokens)
   null = conditioner.encode_tokens(llm_state, null_tokens)
-  both = [li_dit.TextFeatures(t.prefix, jnp.concatenate([t.tokens, n.tokens]),
+  both = [lidit.TextFeatures(t.prefix, jnp.concatenate([t.tokens, n.tokens]),
                               jnp.concatenate([t.mask, n.mask])) for t, n in zip(text, null)]
 
   def denoise(x, t):
@@ -195,19 +175,6 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: 
   path.write_bytes(buffer.getvalue())
 
 
-def abstract_params(model: li_dit.LIDiT, llm_widths: Sequence[int],
-                    latent_shape: tuple[int, int, int]) -> Any:
-  """The model's parameters as boxed ShapeDtypeStructs (logical axis names kept), from
-  jax.eval_shape: nothing is computed or allocated. Only the LLMs' widths shape them."""
-  text = [li_dit.TextFeatures(jax.ShapeDtypeStruct((4, width), jnp.float32),
-                              jax.ShapeDtypeStruct((1, 8, width), jnp.float32),
-                              jax.ShapeDtypeStruct((1, 8), jnp.bool_)) for width in llm_widths]
-  return jax.eval_shape(
-      lambda x, t, txt: model.init(jax.random.key(0), x, t, txt)["params"],
-      jax.ShapeDtypeStruct((1,) + tuple(latent_shape), jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.float32), text)
-
-
 def load_run(workdir: str, step: int | None = None, ema: bool = True,
              mesh_sizes: Mapping[str, int] | None = None
              ) -> tuple[ml_collections.ConfigDict, Generator, Any, int]:
@@ -231,12 +198,12 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True,
     config = ckpt.restore_config(step)
     mesh, rules = _sampling_mesh(config, mesh_sizes)
     space = latents.from_config(config, mesh, rules)
-    conditioner = conditioning.TextConditioner(build_encoders(config.text, mesh, rules),
-                                               conditioning.ONLINE)
-    model = build_model(config, len(conditioner.names))
+    conditioner = conditioning.TextConditioner(
+        encoders_lib.build_encoders(config.text, mesh, rules), conditioning.ONLINE)
+    model = lidit.build_model(config, len(conditioner.names))
     size = config.input.image_size
-    abstract = abstract_params(model, [e.width for e in conditioner.encoders.values()],
-                               space.latent_shape(size, size))
+    abstract = lidit.abstract_params(model, [e.width for e in conditioner.encoders.values()],
+                                     space.latent_shape(size, size))
     shardings = sharding.divisible_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract),
                                              mesh, rules)
     target = jax.tree_util.tree_map(

@@ -29,11 +29,10 @@ import numpy as np
 
 from li_dit import config_lib
 from li_dit import flops as flops_lib
-from li_dit import generate
 from li_dit import latents
 from li_dit.data import pipeline
 from li_dit.diffusion import flow
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
@@ -59,9 +58,9 @@ def abstract_params(config: ml_collections.ConfigDict, encoders: Encoders,
   """The trainable model's parameters of `config` as boxed ShapeDtypeStructs (logical axes
   kept), from jax.eval_shape."""
   size = config.input.image_size
-  return generate.abstract_params(generate.build_model(config, len(encoders)),
-                                  [e.width for e in encoders.values()],
-                                  space.latent_shape(size, size))
+  return lidit.abstract_params(lidit.build_model(config, len(encoders)),
+                               [e.width for e in encoders.values()],
+                               space.latent_shape(size, size))
 
 
 def leaf_name(path: tuple[Any, ...]) -> str:
@@ -87,7 +86,7 @@ def forward_flops(config: ml_collections.ConfigDict, encoders: Encoders,
   """Forward model FLOPs of one example at the square image size (li_dit.flops): "refiners",
   "dit", and "llms" (one prompt row through every LLM, after its cached prefix)."""
   texts = _text_shapes(encoders)
-  out = flops_lib.model_forward_flops(li_dit.ModelConfig(**config.model.to_dict()),
+  out = flops_lib.model_forward_flops(lidit.ModelConfig(**config.model.to_dict()),
                                       config.input.image_size // space.factor, texts)
   out["llms"] = sum(flops_lib.llm_forward_flops(t) for t in texts)
   return out
@@ -98,7 +97,7 @@ def step_flops(config: ml_collections.ConfigDict, encoders: Encoders,
   """Model FLOPs of one train step of `config` over its global batch (li_dit.flops), at the
   DiT's input size; the VAE's encoder is not counted."""
   return flops_lib.train_step_flops(
-      li_dit.ModelConfig(**config.model.to_dict()), config.input.image_size // space.factor,
+      lidit.ModelConfig(**config.model.to_dict()), config.input.image_size // space.factor,
       _text_shapes(encoders), config.input.batch_size,
       online=config.text.encode == conditioning.ONLINE)
 
@@ -125,7 +124,7 @@ def make(config: ml_collections.ConfigDict, encoders: Encoders, space: latents.I
   buckets = [{"size_px": [h, w], "latent": [h // space.factor, w // space.factor],
               "image_tokens": (h // space.factor // patch) * (w // space.factor // patch)}
              for h, w in pipeline.bucket_shapes(config.input)]
-  shift = generate.time_shift(config)
+  shift = flow.time_shift(config)
   median_t = float(flow.shift_time(1 / (1 + np.exp(-config.flow.t_mean)), shift))
   mesh = {axis: int(mesh[axis]) for axis in sharding.MESH_AXES}
   rules = sharding.rules_from_config(config.sharding_rules)

@@ -16,12 +16,11 @@ import ml_collections
 import numpy as np
 
 from li_dit import config_lib
-from li_dit import generate
 from li_dit import latents
 from li_dit import optim
 from li_dit.data import records
 from li_dit.diffusion import flow
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
 
@@ -86,7 +85,7 @@ class StepPlan(NamedTuple):
     train_step: jitted (state, frozen, batch) -> (state, metrics); call or lower it inside
       `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
   """
-  model: li_dit.LIDiT
+  model: lidit.LIDiT
   rules: tuple[tuple[str, Any], ...]
   init_state: Callable[[jax.Array], TrainState]
   state_shardings: Any
@@ -137,7 +136,7 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     raise config_lib.ConfigError(
         f"config.model.remat='offload': {mesh.devices.flat[0].platform} devices have no host "
         f"memory to offload to (memories {sorted(memories)}); use 'save_dots' or 'full'")
-  model = generate.build_model(config, len(conditioner.names))
+  model = lidit.build_model(config, len(conditioner.names))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   size = config.input.image_size
   text_shapes = jax.eval_shape(conditioner.features, conditioner.frozen(),
@@ -158,7 +157,7 @@ def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       {"text": conditioner.frozen_logical_specs(), "vae": space.frozen_logical_specs()},
       frozen_arrays(conditioner, space), mesh, rules)
   step_fn = make_train_step(model, conditioner, space, tx, schedule, config,
-                            generate.time_shift(config))
+                            flow.time_shift(config))
   state_shardings = sharding.divisible_shardings(
       nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -7,7 +7,7 @@ nothing else of li_dit), so this one file can be copied next to a model exported
   model = LIDiT.from_pretrained("OUT")     # OUT/config.json + OUT/model.safetensors
   velocity = model(x, t, [TextFeatures(prefix, tokens, mask), ...])
 
-It computes what `li_dit.models.li_dit.LIDiT` computes, operation for operation (float32 outputs
+It computes what `li_dit.models.lidit.LIDiT` computes, operation for operation (float32 outputs
 equal the JAX model's within 1e-4, tests/test_torch_export.py), with one difference of layout:
 images and latents are NCHW [B,C,H,W] here (PyTorch's and diffusers' convention), NHWC in JAX.
 Text features are as in JAX: per LLM, the instruction prefix [P,Dllm] shared by every prompt,
@@ -53,7 +53,7 @@ class Architecture:
   """The sizes of an exported model (config.json's "architecture").
 
   llm_widths: Dllm of each LLM branch, in branch order; two or more add the collaborative
-  refiner. The other fields are `li_dit.models.li_dit.ModelConfig`'s.
+  refiner. The other fields are `li_dit.models.lidit.ModelConfig`'s.
   """
   patch_size: int
   channels: int

@@ -43,6 +43,7 @@ from li_dit.data import pipeline
 from li_dit.io import checkpoints
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
+from li_dit.text import encoders as encoders_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created, or resumed).")
@@ -129,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   space = latents.from_config(config, mesh, rules)
   # The frozen text side: LLMs (loaded straight into their shards), their instruction prefixes,
   # and (cached mode) the feature table.
-  encoders = generate.build_encoders(config.text, mesh, rules)
+  encoders = encoders_lib.build_encoders(config.text, mesh, rules)
   # What the run will do, as tools/run_card.py says it before anything is loaded.
   card = run_card.make(config, encoders, space, mesh.shape)
   if is_main:

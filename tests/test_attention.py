@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from li_dit.models import attention, li_dit
+from li_dit.models import attention, lidit
 import smoke_runs
 
 
@@ -67,11 +67,11 @@ def _sharded_check() -> None:
   text = []
   for i, (prefix_len, length, width) in enumerate(((5, 12, 24), (3, 9, 16))):
     mask = jnp.arange(length)[None] < jnp.asarray([length, 4, 7, 1])[:, None]
-    text.append(li_dit.TextFeatures(jax.random.normal(keys[2 + i], (prefix_len, width)),
+    text.append(lidit.TextFeatures(jax.random.normal(keys[2 + i], (prefix_len, width)),
                                     jax.random.normal(keys[4 + i], (batch, length, width)), mask))
   results = {}
   for implementation in attention.IMPLEMENTATIONS:
-    model = li_dit.LIDiT(li_dit.ModelConfig(
+    model = lidit.LIDiT(lidit.ModelConfig(
         patch_size=4, width=32, depth=2, num_heads=4, refiner_depth=1,
         attention=implementation), num_llms=2)
     params = nn.unbox(model.init(rng, x, t, text)["params"])

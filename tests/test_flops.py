@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from li_dit import flops
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.models import llm
 
 # Unrolled blocks: XLA's cost analysis counts a scanned (while-loop) body once, not per layer.
-MODEL = li_dit.ModelConfig(patch_size=2, channels=3, width=256, depth=2, num_heads=4,
+MODEL = lidit.ModelConfig(patch_size=2, channels=3, width=256, depth=2, num_heads=4,
                            pos_kernel_size=1, scan_layers=False)
 LLM = llm.LLMConfig(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4,
                     num_heads=6, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6)
@@ -22,8 +22,8 @@ def _xla_flops(fn, *args) -> float:
 
 
 def _model_inputs(num_llms):
-  model = li_dit.LIDiT(MODEL, num_llms=num_llms)
-  text = [li_dit.TextFeatures(jnp.zeros((PREFIX, LLM.hidden_size)),
+  model = lidit.LIDiT(MODEL, num_llms=num_llms)
+  text = [lidit.TextFeatures(jnp.zeros((PREFIX, LLM.hidden_size)),
                               jnp.zeros((BATCH, ROW, LLM.hidden_size)),
                               jnp.ones((BATCH, ROW), bool)) for _ in range(num_llms)]
   x, t = jnp.zeros((BATCH, IMAGE, IMAGE, 3)), jnp.zeros((BATCH,))

@@ -7,7 +7,7 @@ import pytest
 
 from li_dit.diffusion import flow
 from li_dit.diffusion import samplers
-from li_dit.models import li_dit
+from li_dit.models import lidit
 
 
 def test_interpolation_endpoints_and_velocity():
@@ -89,12 +89,12 @@ def test_heun_is_second_order():
 
 
 def test_tiny_overfit_drives_the_flow_loss_down():
-  cfg = li_dit.ModelConfig(patch_size=2, channels=3, width=32, depth=2, num_heads=2,
+  cfg = lidit.ModelConfig(patch_size=2, channels=3, width=32, depth=2, num_heads=2,
                            scan_layers=False)
-  model = li_dit.LIDiT(cfg, num_llms=1)
+  model = lidit.LIDiT(cfg, num_llms=1)
   k = jax.random.split(jax.random.key(0), 4)
   x0 = jnp.tanh(jax.random.normal(k[0], (4, 8, 8, 3)))
-  text = [li_dit.TextFeatures(jax.random.normal(k[1], (3, 16)),
+  text = [lidit.TextFeatures(jax.random.normal(k[1], (3, 16)),
                               jax.random.normal(k[2], (4, 5, 16)), jnp.ones((4, 5), bool))]
   params = model.init(k[3], x0, jnp.zeros(4), text)["params"]
   params = jax.tree_util.tree_map(lambda p: p.value if hasattr(p, "value") else p, params,

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.text import encoders
 from li_dit.text import prompts
 
@@ -98,7 +98,7 @@ def test_hf_directory_encoder_matches_transformers(model_dir):
   assert np.abs(full - want)[mask].max() <= 1e-4
   prefix = jax.jit(encoder.compute_prefix)(encoder.params)
   reused = jax.jit(encoder.encode)(encoder.params, prefix, rows.tokens, rows.mask)
-  joined, _ = li_dit.TextFeatures(prefix.features, reused, rows.mask).with_prefix()
+  joined, _ = lidit.TextFeatures(prefix.features, reused, rows.mask).with_prefix()
   assert np.abs(np.asarray(joined) - want)[mask].max() <= 1e-4
 
 

@@ -18,7 +18,6 @@ import image_fixtures as fx
 import smoke_runs
 import vae_fixtures
 from li_dit import config_lib
-from li_dit import generate
 from li_dit import latent_cache
 from li_dit import latents
 from li_dit import train
@@ -26,6 +25,7 @@ from li_dit.data import build
 from li_dit.data import pipeline
 from li_dit.data import shapes
 from li_dit.text import conditioning
+from li_dit.text import encoders
 from test_latent import _latent_smoke  # pylint: disable=g-bad-import-order
 
 NUM = 40  # Shapes records in the image dataset: 5 batches of 8.
@@ -159,7 +159,7 @@ def test_a_config_that_does_not_fit_the_dataset_fails_before_loading(
 
   def no_loading(*args, **kwargs):
     raise AssertionError("something was loaded before the dataset was checked")
-  monkeypatch.setattr(generate, "build_encoders", no_loading)
+  monkeypatch.setattr(encoders, "build_encoders", no_loading)
   monkeypatch.setattr(latents, "from_config", no_loading)
   with pytest.raises(config_lib.ConfigError) as error:
     train.train(config, str(tmp_path / "run"))

@@ -10,7 +10,7 @@ import pytest
 
 from li_dit.io import gguf as gguf_io
 from li_dit.io import hf, packaged
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.models import llm
 from li_dit.text import encoders
 from li_dit.text import prompts
@@ -96,7 +96,7 @@ def test_layer_minus_3_matches_transformers(parity):
   # The prefix computed once and reused gives the same features (what training uses).
   prefix = jax.jit(encoder.compute_prefix)(encoder.params)
   reused = jax.jit(encoder.encode)(encoder.params, prefix, rows.tokens, rows.mask)
-  joined, _ = li_dit.TextFeatures(prefix.features, reused, rows.mask).with_prefix()
+  joined, _ = lidit.TextFeatures(prefix.features, reused, rows.mask).with_prefix()
   _assert_close_fp32(joined, hidden[-3], mask)
 
 
@@ -122,7 +122,7 @@ def test_prefix_reuse_matches_full_encoding(encoder, rows):
   prefix = jax.jit(encoder.compute_prefix)(encoder.params)
   reused = jax.jit(encoder.encode)(encoder.params, prefix, rows.tokens, rows.mask)
   full = np.asarray(jax.jit(encoder.encode_full)(encoder.params, rows.tokens, rows.mask))
-  joined, joined_mask = li_dit.TextFeatures(prefix.features, reused, rows.mask).with_prefix()
+  joined, joined_mask = lidit.TextFeatures(prefix.features, reused, rows.mask).with_prefix()
   _, full_mask = _full_sequences(encoder.layout, rows)
   np.testing.assert_array_equal(joined_mask, full_mask)
   diff = _max_diff(joined, full, full_mask)

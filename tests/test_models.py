@@ -8,7 +8,7 @@ import pytest
 
 from li_dit.models import dit as dit_lib
 from li_dit.models import layers
-from li_dit.models import li_dit
+from li_dit.models import lidit
 from li_dit.models import llm as llm_lib
 from li_dit.models import refiner as refiner_lib
 
@@ -26,7 +26,7 @@ def _perturb(params, scale=0.5, seed=1):
 def _text(rng, batch, prefix_len, length, width, valid):
   k1, k2 = jax.random.split(rng)
   mask = jnp.arange(length)[None, :] < jnp.asarray(valid)[:, None]
-  return li_dit.TextFeatures(jax.random.normal(k1, (prefix_len, width)),
+  return lidit.TextFeatures(jax.random.normal(k1, (prefix_len, width)),
                              jax.random.normal(k2, (batch, length, width)), mask)
 
 
@@ -159,9 +159,9 @@ def test_dit_shapes_zero_init_and_any_resolution(scan_layers):
 
 @pytest.mark.parametrize("num_llms", [1, 2])
 def test_li_dit_composition(num_llms):
-  cfg = li_dit.ModelConfig(patch_size=2, channels=3, width=WIDTH, depth=2, num_heads=HEADS,
+  cfg = lidit.ModelConfig(patch_size=2, channels=3, width=WIDTH, depth=2, num_heads=HEADS,
                            scan_layers=False)
-  model = li_dit.LIDiT(cfg, num_llms=num_llms)
+  model = lidit.LIDiT(cfg, num_llms=num_llms)
   keys = jax.random.split(jax.random.key(0), 3)
   text = [_text(keys[0], B, 5, 7, 24, [7, 3]), _text(keys[1], B, 3, 6, 40, [2, 6])][:num_llms]
   x = jax.random.normal(keys[2], (B, 8, 8, 3))
@@ -176,9 +176,9 @@ def test_li_dit_composition(num_llms):
                                     is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
   assert all(isinstance(s, jax.sharding.PartitionSpec) and len(s) for s in specs)
   # The prompt changes the prediction; padding of the prompt does not.
-  other = [li_dit.TextFeatures(f.prefix, f.tokens + 1.0, f.mask) for f in text]
+  other = [lidit.TextFeatures(f.prefix, f.tokens + 1.0, f.mask) for f in text]
   assert float(jnp.abs(model.apply({"params": params}, x, t, other) - out).max()) > 1e-3
-  padded = [li_dit.TextFeatures(f.prefix, jnp.where(f.mask[..., None], f.tokens, 7.0), f.mask)
+  padded = [lidit.TextFeatures(f.prefix, jnp.where(f.mask[..., None], f.tokens, 7.0), f.mask)
             for f in text]
   np.testing.assert_allclose(model.apply({"params": params}, x, t, padded), out, atol=1e-4)
   with pytest.raises(ValueError, match="LLM"):

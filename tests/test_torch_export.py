@@ -25,7 +25,7 @@ import vae_fixtures
 from li_dit import generate
 from li_dit import torch_model
 from li_dit.io import torch_export
-from li_dit.models import li_dit
+from li_dit.models import lidit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "export_torch.py")
@@ -104,8 +104,8 @@ def _inputs(widths, size: int, channels: int, seed: int = 0):
   return x, t, feats
 
 
-def _jax_velocity(model: li_dit.LIDiT, params, x, t, feats) -> np.ndarray:
-  text = [li_dit.TextFeatures(*(jnp.asarray(a) for a in f)) for f in feats]
+def _jax_velocity(model: lidit.LIDiT, params, x, t, feats) -> np.ndarray:
+  text = [lidit.TextFeatures(*(jnp.asarray(a) for a in f)) for f in feats]
   return np.asarray(jax.jit(model.apply)({"params": params}, x, t, text))
 
 
@@ -124,7 +124,7 @@ def _parity(workdir: str, out: str) -> float:
   arch = model.arch
   # Any size the patch divides: the model has no fixed resolution. A 4x4 token grid.
   x, t, feats = _inputs(arch.llm_widths, 4 * arch.patch_size, arch.channels)
-  want = _jax_velocity(generate.build_model(config, len(arch.llm_widths)), params, x, t, feats)
+  want = _jax_velocity(lidit.build_model(config, len(arch.llm_widths)), params, x, t, feats)
   got = _torch_velocity(model, x, t, feats)
   assert np.abs(want).max() > 0.05  # Trained weights: the output is no longer zero.
   return float(np.abs(got - want).max())
@@ -174,11 +174,11 @@ def test_random_weights_match_jax(scan_layers, llm_widths, pos_kernel_size):
   arch = torch_model.Architecture(patch_size=2, channels=3, width=32, depth=2, num_heads=2,
                                   mlp_ratio=4.0, qk_norm=True, pos_kernel_size=pos_kernel_size,
                                   refiner_depth=2, llm_widths=llm_widths)
-  model = li_dit.LIDiT(li_dit.ModelConfig(
+  model = lidit.LIDiT(lidit.ModelConfig(
       patch_size=2, channels=3, width=32, depth=2, num_heads=2, pos_kernel_size=pos_kernel_size,
       scan_layers=scan_layers), num_llms=len(llm_widths))
   x, t, feats = _inputs(llm_widths, 8, 3)
-  text = [li_dit.TextFeatures(*(jnp.asarray(a) for a in f)) for f in feats]
+  text = [lidit.TextFeatures(*(jnp.asarray(a) for a in f)) for f in feats]
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, t, text)["params"]))
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(1)
@@ -355,7 +355,7 @@ def test_fresh_venv_runs_the_standalone_module(smoke_run, smoke_export, tmp_path
 
   config, params, _ = torch_export.restore_params(smoke_run, None, ema=False)
   x, t, feats = _inputs((576,), 16, 3)
-  want = _jax_velocity(generate.build_model(config, 1), params, x, t, feats)
+  want = _jax_velocity(lidit.build_model(config, 1), params, x, t, feats)
   (prefix, tokens, mask), = feats
   safetensors.torch.save_file(
       {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in dict(

@@ -48,6 +48,8 @@ from li_dit import generate  # noqa: E402
 from li_dit import latents  # noqa: E402
 from li_dit import run_card  # noqa: E402
 from li_dit import step as step_lib  # noqa: E402
+from li_dit.diffusion import flow  # noqa: E402
+from li_dit.models import lidit  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
 from li_dit.text import conditioning  # noqa: E402
@@ -170,7 +172,7 @@ def _sample_program(config, mesh, conditioner, space, batch: int | None):
   places them, one batch of prompts (default: one per data-parallel device) at the square
   image size, the run's sampler, steps and classifier-free guidance."""
   rules = step_lib.check_batch_divides(config, mesh)
-  model = generate.build_model(config, len(conditioner.names))
+  model = lidit.build_model(config, len(conditioner.names))
   generator = generate.Generator(model, conditioner, space, config, mesh, rules)
   batch = batch or generator.batch_multiple
   if batch % generator.batch_multiple:
@@ -191,7 +193,7 @@ def _sample_program(config, mesh, conditioner, space, batch: int | None):
   noise = split((batch,) + space.latent_shape(size, size), jnp.float32)
   cfg = jax.ShapeDtypeStruct((), jnp.float32)
   lower = functools.partial(generator.program.lower, steps=config.sample.steps,
-                            sampler=config.sample.sampler, shift=generate.time_shift(config))
+                            sampler=config.sample.sampler, shift=flow.time_shift(config))
   calls = config.sample.steps if config.sample.sampler == "euler" else 2 * config.sample.steps - 1
   forward = run_card.forward_flops(config, conditioner.encoders, space)
   flops = {"dit": forward["dit"] * 2 * batch * calls,

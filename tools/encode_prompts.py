@@ -51,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from li_dit.models import li_dit  # noqa: E402
+from li_dit.models import lidit  # noqa: E402
 from li_dit.models import llm  # noqa: E402
 from li_dit.text import encoders  # noqa: E402
 from li_dit.text import prompts as prompts_lib  # noqa: E402
@@ -175,7 +175,7 @@ def encode_prompts(encoder: encoders.PromptEncoder, prompts: list[str], all_laye
   else:
     def encode_batch(params, prefix, tokens, mask):
       row_features = encoder.encode(params, prefix, tokens, mask)
-      features, _ = li_dit.TextFeatures(prefix.features, row_features, mask).with_prefix()
+      features, _ = lidit.TextFeatures(prefix.features, row_features, mask).with_prefix()
       return features.astype(jnp.float32)
 
     args = (encoder.params, jax.jit(encoder.compute_prefix)(encoder.params))

@@ -1,4 +1,5 @@
-"""Rectified flow: interpolation, velocity target, timestep distribution, resolution shift.
+"""Rectified flow: interpolation, velocity target, timestep distribution, resolution shift
+(`time_shift`: a run config's shift at an image size).
 
 Convention (SD3): x_t = (1 - t) * x0 + t * noise, t = 0 is data and t = 1 is noise, and the
 network predicts the velocity v = dx_t/dt = noise - x0.
@@ -9,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 
 def resolution_shift(num_pixels: int, base_pixels: int, base_shift: float = 1.0) -> float:
@@ -19,6 +21,13 @@ def resolution_shift(num_pixels: int, base_pixels: int, base_shift: float = 1.0)
   (latent pixels for a VAE model).
   """
   return base_shift * math.sqrt(num_pixels / base_pixels)
+
+
+def time_shift(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> float:
+  """The resolution-dependent timestep shift at `size` = (height, width) pixels (default: the
+  square config.input.image_size); config.flow.base_size is the side whose shift is base_shift."""
+  height, width = size or (config.input.image_size,) * 2
+  return resolution_shift(height * width, config.flow.base_size ** 2, config.flow.base_shift)
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:

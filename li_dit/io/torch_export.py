@@ -87,7 +87,7 @@ def torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
 
 
 def torch_state_dict(params: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Flax parameters of li_dit.models.li_dit.LIDiT (nested dict) -> {torch name: array}.
+  """Flax parameters of li_dit.models.lidit.LIDiT (nested dict) -> {torch name: array}.
 
   Scanned DiT blocks (config.model.scan_layers) are stacked on a leading axis under
   dit/blocks; they become dit.blocks.<i>, as unscanned ones (dit/block_<i>) do.
@@ -119,7 +119,7 @@ def export_config(config: ml_collections.ConfigDict, state: dict[str, np.ndarray
     raise ValueError(f"config.flow.objective {objective!r}: the PyTorch export samples "
                      f"{OBJECTIVES} only")
   m = config.model
-  names = sorted(config.text.llms)  # The branch order (li_dit.generate.build_encoders).
+  names = sorted(config.text.llms)  # The branch order (li_dit.text.encoders.build_encoders).
   llms = []
   for i, name in enumerate(names):
     llm = config.text.llms[name]

@@ -26,7 +26,7 @@ from etils import epath
 from jax.sharding import PartitionSpec
 
 from li_dit.io import paths
-from li_dit.models.li_dit import TextFeatures
+from li_dit.models.lidit import TextFeatures
 from li_dit.text import encoders as encoders_lib
 from li_dit.text import prompts as prompts_lib
 

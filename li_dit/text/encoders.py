@@ -3,7 +3,8 @@
 The fixed prefix (system prompt + instruction) is encoded once by `compute_prefix`; `encode` then
 runs only the prompt rows, attending to the cached prefix keys/values. For a causal LLM this is
 exact: the prefix features followed by `encode(...)` equal `encode_full(...)` (up to float
-rounding; `li_dit.models.li_dit.TextFeatures.with_prefix` joins them).
+rounding; `li_dit.models.lidit.TextFeatures.with_prefix` joins them). `build_encoders` gives the
+encoders of a run's config.text, in branch order.
 
 Shapes: B prompts, P prefix tokens, L row tokens, D LLM width, G key/value heads, K head dim.
 """
@@ -16,6 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import transformers
 
 from li_dit.io import gguf as gguf_io
@@ -214,3 +216,12 @@ class PromptEncoder:
     full_mask = jnp.concatenate([jnp.ones_like(prefix, bool), jnp.asarray(mask, bool)], axis=1)
     return jax.lax.stop_gradient(self.module.apply({"params": params}, full_tokens, full_mask))
 
+
+
+def build_encoders(text_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+                   rules: Any = None) -> dict[str, PromptEncoder]:
+  """One frozen PromptEncoder per configured LLM, in the order of their names; with a mesh,
+  their weights are loaded straight into their shards (`PromptEncoder`)."""
+  return {name: PromptEncoder(name=name, mesh=mesh, rules=rules,
+                              **text_config.llms[name].to_dict())
+          for name in sorted(text_config.llms)}

@@ -4,15 +4,19 @@ The frozen LLMs themselves are not part of this module (they are not trained and
 checkpointed with the run); it receives their features. Each LLM's features arrive in two parts:
 the instruction prefix [P,D], identical for every prompt because the LLM is causal (computed
 once), and the per-prompt tokens [B,L,D] with their padding mask.
+
+`build_model` makes the model of a run's config; `abstract_params` gives its parameters' shapes
+and logical axes without computing anything (run cards, restoring a run, compile plans).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from li_dit.models import dit as dit_lib
 from li_dit.models import layers
@@ -101,3 +105,21 @@ class LIDiT(nn.Module):
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm,
         pos_kernel_size=cfg.pos_kernel_size, scan_layers=cfg.scan_layers, remat=cfg.remat,
         attention=cfg.attention, name="dit", **kw)(x, t_emb, text_tokens, text_mask)
+
+
+def build_model(config: ml_collections.ConfigDict, num_llms: int) -> LIDiT:
+  """The LIDiT of a run's config (its config.model) for `num_llms` LLM branches."""
+  return LIDiT(ModelConfig(**config.model.to_dict()), num_llms=num_llms)
+
+
+def abstract_params(model: LIDiT, llm_widths: Sequence[int],
+                    latent_shape: tuple[int, int, int]) -> Any:
+  """The model's parameters as boxed ShapeDtypeStructs (logical axis names kept), from
+  jax.eval_shape: nothing is computed or allocated. Only the LLMs' widths shape them."""
+  text = [TextFeatures(jax.ShapeDtypeStruct((4, width), jnp.float32),
+                       jax.ShapeDtypeStruct((1, 8, width), jnp.float32),
+                       jax.ShapeDtypeStruct((1, 8), jnp.bool_)) for width in llm_widths]
+  return jax.eval_shape(
+      lambda x, t, txt: model.init(jax.random.key(0), x, t, txt)["params"],
+      jax.ShapeDtypeStruct((1,) + tuple(latent_shape), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32), text)

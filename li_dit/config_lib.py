@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import ml_collections
 from absl import flags, logging
 
-from li_dit.data import shapes
+from li_dit.data.synthetic import relations
 from li_dit.diffusion import samplers
 from li_dit.models import attention, dit
 
@@ -49,8 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
       data_dir="",
       split="train",
       data_seed=0,            # The data itself (for the shapes source: held-out split, scenes).
-      # Shapes source: its relation words (li_dit.data.shapes.RELATIONS). In reading order (the
-      # first-named object is the left/top one) by default; all four is the harder grammar.
+      # Shapes source: its relation words (li_dit.data.synthetic.relations.RELATIONS). In
+      # reading order (the first-named object is the left/top one) by default; all four is the
+      # harder grammar.
       relations=("left", "above"),
       seed=0,                 # Shuffle order, caption choice and caption dropout.
       image_size=256,         # Side of the square images, in pixels (the DiT sees size / f).
@@ -184,9 +185,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.input.source != "tfds" or (config.input.tfds_name and config.input.data_dir),
            "input.tfds_name", "source 'tfds' needs input.tfds_name and input.data_dir")
   _require(len(config.input.relations) >= 1
-           and set(config.input.relations) <= set(shapes.RELATIONS), "input.relations",
+           and set(config.input.relations) <= set(relations.RELATIONS), "input.relations",
            f"{tuple(config.input.relations)} is not a non-empty subset of "
-           f"{tuple(shapes.RELATIONS)}")
+           f"{tuple(relations.RELATIONS)}")
   _require(config.input.batch_size >= 1, "input.batch_size", "must be >= 1")
   _require(0.0 <= config.input.caption_dropout < 1.0, "input.caption_dropout",
            f"must be in [0, 1), got {config.input.caption_dropout}")

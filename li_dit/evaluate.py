@@ -19,7 +19,7 @@ from etils import epath
 
 from li_dit import config_lib
 from li_dit import generate
-from li_dit.data import shapes
+from li_dit.data.synthetic import shapes
 from li_dit.data import shapes_score
 from li_dit.io import checkpoints
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from li_dit import config_lib
 from li_dit import latents
-from li_dit.data import pipeline
+from li_dit.data import order
 from li_dit.diffusion import flow
 from li_dit.diffusion import samplers
 from li_dit.models import layers
@@ -99,7 +99,7 @@ class Generator:
   @property
   def sizes(self) -> tuple[tuple[int, int], ...]:
     """The (H, W) pixel sizes the run trained on: its buckets, or the square image_size."""
-    return pipeline.bucket_shapes(self.config.input)
+    return order.bucket_shapes(self.config.input)
 
   def noise(self, seed: int, batch: int, size: tuple[int, int]) -> jax.Array:
     """The initial noise of `batch` images of `size` (H, W) pixels: float32 [B,h,w,C], a function

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from li_dit import config_lib
 from li_dit import latents
-from li_dit.data import build, images, pipeline, records
+from li_dit.data import build, images, order, records, sources
 from li_dit.io import diffusers_vae
 
 METADATA = "latents.json"
@@ -66,7 +66,7 @@ def dataset_metadata(input_config: ml_collections.ConfigDict) -> dict[str, Any] 
   """latents.json of the training dataset, or None when it holds images."""
   if input_config.source != "tfds":
     return None
-  return pipeline.TfdsSource(input_config.tfds_name, input_config.data_dir,
+  return sources.TfdsSource(input_config.tfds_name, input_config.data_dir,
                              input_config.split).read_json(METADATA)
 
 
@@ -92,7 +92,7 @@ def check_dataset(config: ml_collections.ConfigDict, metadata: dict[str, Any]) -
         f"config.vae.path: the VAE in {config.vae.path!r} (weights sha256 {digest[:12]}...) is "
         f"not the one that encoded {dataset} ({encoded_by['path']!r}, sha256 "
         f"{encoded_by['sha256'][:12]}...)")
-  buckets = [list(b) for b in pipeline.bucket_shapes(config.input)]
+  buckets = [list(b) for b in order.bucket_shapes(config.input)]
   if buckets != metadata["buckets"]:
     raise config_lib.ConfigError(
         f"config.input.buckets / config.input.image_size: {dataset} was encoded at (height, "
@@ -200,9 +200,9 @@ def encode_dataset(config: ml_collections.ConfigDict, out: str, name: str,
                                  f"{len(devices)} devices")
   start = time.time()
   space = latents.from_config(config)  # The VAE, checked against the config first.
-  source = pipeline.make_source(config.input)
+  source = sources.make_source(config.input)
   count = len(source) if num_records is None else min(num_records, len(source))
-  shapes_hw = pipeline.bucket_shapes(config.input)
+  shapes_hw = order.bucket_shapes(config.input)
   bucket_of = (np.zeros(count, np.uint8) if len(shapes_hw) == 1
                else images.nearest_buckets(source.sizes()[:count], shapes_hw))
 

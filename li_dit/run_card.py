@@ -30,7 +30,7 @@ import numpy as np
 from li_dit import config_lib
 from li_dit import flops as flops_lib
 from li_dit import latents
-from li_dit.data import pipeline
+from li_dit.data import order
 from li_dit.diffusion import flow
 from li_dit.models import lidit
 from li_dit.parallel import sharding
@@ -123,7 +123,7 @@ def make(config: ml_collections.ConfigDict, encoders: Encoders, space: latents.I
   latent = size // space.factor
   buckets = [{"size_px": [h, w], "latent": [h // space.factor, w // space.factor],
               "image_tokens": (h // space.factor // patch) * (w // space.factor // patch)}
-             for h, w in pipeline.bucket_shapes(config.input)]
+             for h, w in order.bucket_shapes(config.input)]
   shift = flow.time_shift(config)
   median_t = float(flow.shift_time(1 / (1 + np.exp(-config.flow.t_mean)), shift))
   mesh = {axis: int(mesh[axis]) for axis in sharding.MESH_AXES}

@@ -40,6 +40,7 @@ from li_dit import metrics as metrics_lib
 from li_dit import run_card
 from li_dit import step as step_lib
 from li_dit.data import pipeline
+from li_dit.data import sources
 from li_dit.io import checkpoints
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
@@ -140,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   if config.text.encode == conditioning.CACHED:
     # Process 0 alone reads and writes the cache file (no two processes write it at once); the
     # others compute the same table.
-    conditioner.build_table(pipeline.source_captions(config.input),
+    conditioner.build_table(sources.source_captions(config.input),
                             cache_dir=os.path.join(workdir, "text_cache") if is_main else None)
   plan = step_lib.plan_step(config, mesh, conditioner, space)
   frozen = jax.device_put(step_lib.frozen_arrays(conditioner, space), plan.frozen_shardings)

@@ -23,7 +23,7 @@ from li_dit import latents
 from li_dit import train
 from li_dit.data import build
 from li_dit.data import pipeline
-from li_dit.data import shapes
+from li_dit.data.synthetic import shapes
 from li_dit.text import conditioning
 from li_dit.text import encoders
 from test_latent import _latent_smoke  # pylint: disable=g-bad-import-order

@@ -17,7 +17,7 @@ import pytest
 from li_dit import config_lib
 from li_dit.data import loader
 from li_dit.data import pipeline
-from li_dit.data import shapes
+from li_dit.data.synthetic import shapes
 from li_dit.text import conditioning
 
 BATCH = 8

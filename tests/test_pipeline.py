@@ -10,8 +10,9 @@ import pytest
 
 from li_dit import config_lib
 from li_dit.data import build
+from li_dit.data import order
 from li_dit.data import pipeline
-from li_dit.data import shapes
+from li_dit.data.synthetic import shapes
 from li_dit.text import conditioning
 
 import image_fixtures as fx
@@ -50,21 +51,21 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
 def test_index_shuffle_is_a_seeded_permutation(n):
   positions = np.arange(n)
-  a = pipeline.IndexShuffle(n, (0, 0))(positions)
+  a = order.IndexShuffle(n, (0, 0))(positions)
   assert a.dtype == np.int64 and np.array_equal(np.sort(a), positions)
   if n >= 1000:
-    b = pipeline.IndexShuffle(n, (0, 1))(positions)
+    b = order.IndexShuffle(n, (0, 1))(positions)
     assert np.mean(a == b) < 0.01 and np.mean(a == positions) < 0.01
     assert abs(np.corrcoef(positions, a)[0, 1]) < 0.1
     # Pointwise: any subset of positions maps as the whole does.
-    np.testing.assert_array_equal(pipeline.IndexShuffle(n, (0, 0))(positions[::-7]), a[::-7])
+    np.testing.assert_array_equal(order.IndexShuffle(n, (0, 0))(positions[::-7]), a[::-7])
 
 
 def test_bucket_batches_cover_each_epoch_once_whatever_the_window():
   rng = np.random.default_rng(0)
   bucket_of_record = rng.choice(3, size=1000, p=[0.7, 0.25, 0.05])  # bucket 2: rare
-  whole = pipeline.BucketBatches(1000, 8, 3, bucket_of_record, 3)
-  windowed = pipeline.BucketBatches(1000, 8, 3, bucket_of_record, 3, window=37)
+  whole = order.BucketBatches(1000, 8, 3, bucket_of_record, 3)
+  windowed = order.BucketBatches(1000, 8, 3, bucket_of_record, 3, window=37)
   assert whole.batches_per_epoch == sum(np.bincount(bucket_of_record) // 8) == 124
   epochs = []
   for epoch in range(2):
@@ -89,7 +90,7 @@ def test_bucket_batches_memory_does_not_grow_with_the_dataset():
   # 50M records: a permutation would hold 400 MB; the windowed epoch holds a few windows.
   tracemalloc.start()
   try:
-    batches = pipeline.BucketBatches(50_000_000, 256, 0, window=1 << 16)
+    batches = order.BucketBatches(50_000_000, 256, 0, window=1 << 16)
     records = np.concatenate([batches(k)[2] for k in range(0, 190_000, 9_973)])
     peak = tracemalloc.get_traced_memory()[1]
   finally:

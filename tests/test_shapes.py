@@ -8,7 +8,8 @@ import grain
 import numpy as np
 import pytest
 
-from li_dit.data import shapes
+from li_dit.data.synthetic import relations as relations_lib
+from li_dit.data.synthetic import shapes
 
 
 def test_caption_counts_and_round_trip():
@@ -46,7 +47,7 @@ def test_split():
   assert {o.colour for o in train_objects} == set(shapes.PALETTE)
   assert {o.shape for o in train_objects} == set(shapes.SHAPES)
   assert {o.count for o in train_objects} == set(shapes.COUNTS)
-  assert {shapes.parse_caption(c).relation for c in train} == set(shapes.RELATIONS) | {None}
+  assert {shapes.parse_caption(c).relation for c in train} == set(relations_lib.RELATIONS) | {None}
 
 
 def test_heldout_scenes_have_no_training_paraphrase():
@@ -61,7 +62,7 @@ def test_heldout_scenes_have_no_training_paraphrase():
 
 
 def test_reading_order_keeps_the_same_heldout_scenes_in_one_wording():
-  order = shapes.READING_ORDER
+  order = relations_lib.READING_ORDER
   assert len(shapes.all_captions(order)) == 54 + 540
   heldout, train = shapes.heldout_captions(0, order), shapes.train_captions(0, order)
   assert len(heldout) == 54 + 6 and sorted(train + heldout) == shapes.all_captions(order)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from li_dit.data import shapes
+from li_dit.data.synthetic import shapes
 from li_dit.data import shapes_score
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from li_dit.data import emoji
+from li_dit.data.synthetic import emoji
 
 import image_fixtures as fx
 import smoke_runs

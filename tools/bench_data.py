@@ -34,7 +34,7 @@ from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit.data import build, images, pipeline  # noqa: E402
+from li_dit.data import build, images, pipeline, sources  # noqa: E402
 from li_dit.text import conditioning  # noqa: E402
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of captioned images (default: generated).")
@@ -125,7 +125,7 @@ def main(argv):
     config = config_lib.default_config().input
     config.update(source="tfds", tfds_name="bench", data_dir=os.path.join(tmp, "data"),
                   buckets=BUCKETS, batch_size=_BATCH.value)
-    captions = pipeline.source_captions(config) + [""]  # "": caption dropout.
+    captions = sources.source_captions(config) + [""]  # "": caption dropout.
     rows = []
     for workers in (int(w) for w in _WORKERS.value):
       config.num_workers = workers

@@ -3,7 +3,7 @@ r"""Writes a captioned image folder (image + same-stem .txt) for tools/build_dat
   python tools/make_image_folder.py --source shapes --out DIR [--num 5000] [--image_size 32]
   python tools/make_image_folder.py --source emoji --out DIR [--image_size 64]
 
-shapes: the synthetic shapes source's training split (li_dit.data.shapes), records 0..num-1,
+shapes: the synthetic shapes source's training split (li_dit.data.synthetic.shapes), records 0..num-1,
 as PNG. emoji: the 3,655 fully-qualified Noto colour emoji (Debian fonts-noto-color-emoji and
 unicode-data), captioned with their Unicode names, as PNG.
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from li_dit.data import emoji, shapes  # noqa: E402
+from li_dit.data.synthetic import emoji, shapes  # noqa: E402
 
 _SOURCE = flags.DEFINE_enum("source", None, ["shapes", "emoji"], "What to write.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")

@@ -53,7 +53,7 @@ from li_dit import config_lib  # noqa: E402
 from li_dit import latents  # noqa: E402
 from li_dit import run_card  # noqa: E402
 from li_dit.data import build  # noqa: E402
-from li_dit.data import shapes  # noqa: E402
+from li_dit.data.synthetic import shapes  # noqa: E402
 from li_dit.io import architectures  # noqa: E402
 from li_dit.io import packaged  # noqa: E402
 from li_dit.io import tiny  # noqa: E402

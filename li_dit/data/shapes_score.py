@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from li_dit.data import shapes
+from li_dit.data.synthetic import shapes
 
 MIN_BLOB_FRACTION = 0.012  # ~12 pixels at 32x32; the smallest rendered object has ~50.
 MAX_COLOUR_DISTANCE = 70.0  # RGB distance from a colour's segment still counted as that colour.

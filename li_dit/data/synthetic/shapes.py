@@ -10,7 +10,7 @@ minutes and `li_dit.data.shapes_score` can check generated images against what t
 6 colours x 3 shapes x 3 counts = 54 count captions, and 6x5 colour pairs x 3x3 shapes = 270
 relation captions per relation: 1134 in all.
 
-Which relations a run uses is its choice (`relations`; the demo: READING_ORDER). With
+Which relations a run uses is its choice (`relations`; the demo: relations.READING_ORDER). With
 "to the left of" and "above" alone, the object named first is always the left (top) one; adding
 "to the right of" and "below" asks the model to compose word order with the relation word, which
 the CPU demo's budget does not learn (measured: left/right position at chance, 0.40, against 0.88
@@ -37,6 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from li_dit.data.synthetic.relations import RELATIONS
+
 # Saturated colours, far apart in RGB (the closest pair, yellow/orange, is 91 apart) and far from
 # the background (>= 250 apart), so a colour stays itself when blurred towards the background.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -50,14 +52,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)  # plain white, every image
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COUNTS: tuple[int, ...] = (1, 2, 3)
-# Relation keyword -> its phrase in a caption. "A <phrase> B" puts A on the named side of B.
-RELATIONS: dict[str, str] = {
-    "left": "to the left of",
-    "right": "to the right of",
-    "above": "above",
-    "below": "below",
-}
-READING_ORDER: tuple[str, ...] = ("left", "above")  # the first-named object is the left/top one
 
 _COUNT_WORDS = {2: "two", 3: "three"}  # count 1: "a"/"an"
 _SUPERSAMPLE = 4  # draw at 4x, box-downsample: anti-aliased edges

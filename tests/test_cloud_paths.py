@@ -25,7 +25,7 @@ from li_dit import metrics as metrics_lib
 from li_dit.data import build
 from li_dit.io import checkpoints
 from li_dit.data import pipeline
-from li_dit.text import conditioning
+from li_dit.text import transforms
 
 import image_fixtures as fx
 from test_pipeline import _BUCKETS, _assert_same, _first, _tfds_config
@@ -95,7 +95,7 @@ def test_build_to_a_bucket_and_train_batches_from_it(tmp_path, gcs):
     assert summary["written"] == 42 and summary["skipped"] == {"unreadable_image": 1}
   assert ({p.name for p in remote_dir.iterdir()} == {p.name for p in local_dir.iterdir()})
 
-  transform = conditioning.CaptionIds(sorted(sizes))
+  transform = transforms.CaptionIds(sorted(sizes))
   # Past the end of the first epoch; the worker processes are closed before the emulator stops.
   remote = _first(pipeline.make_train_dataset(_tfds_config(f"{gcs}/data", num_workers=2),
                                               transform), 12)
@@ -108,7 +108,7 @@ def test_build_to_a_bucket_and_train_batches_from_it(tmp_path, gcs):
 def test_missing_bucket_path_names_it(gcs):
   config = _tfds_config(f"{gcs}/nothing-here")
   with pytest.raises(ValueError, match=f"cannot open TFDS dataset 'mixed' in '{gcs}/nothing-here'"):
-    pipeline.make_train_dataset(config, conditioning.CaptionIds(["x"]))
+    pipeline.make_train_dataset(config, transforms.CaptionIds(["x"]))
 
 
 def test_a_runs_files_go_to_a_bucket(gcs, tmp_path, monkeypatch):

@@ -24,8 +24,8 @@ from li_dit import train
 from li_dit.data import build
 from li_dit.data import pipeline
 from li_dit.data.synthetic import shapes
-from li_dit.text import conditioning
 from li_dit.text import encoders
+from li_dit.text import transforms
 from test_latent import _latent_smoke  # pylint: disable=g-bad-import-order
 
 NUM = 40  # Shapes records in the image dataset: 5 batches of 8.
@@ -61,7 +61,7 @@ def _on(config, name: str, data_dir: str):
 
 
 def _batches(config, n: int) -> list[dict[str, np.ndarray]]:
-  transform = conditioning.CaptionIds(shapes.train_captions(0) + [""])
+  transform = transforms.CaptionIds(shapes.train_captions(0) + [""])
   with iter(pipeline.make_train_dataset(config.input, transform)) as iterator:
     return [next(iterator) for _ in range(n)]
 

@@ -18,7 +18,7 @@ from li_dit import config_lib
 from li_dit.data import loader
 from li_dit.data import pipeline
 from li_dit.data.synthetic import shapes
-from li_dit.text import conditioning
+from li_dit.text import transforms
 
 BATCH = 8
 CLOSE_TIMEOUT = 2.0
@@ -32,7 +32,7 @@ class StallAfter:
   then blocks forever (a worker stuck on a dead server or a runaway transform)."""
 
   def __init__(self, captions: int):
-    self.ids = conditioning.CaptionIds(shapes.train_captions(0) + [""])
+    self.ids = transforms.CaptionIds(shapes.train_captions(0) + [""])
     self.captions = captions
     self.calls = 0
 
@@ -48,7 +48,7 @@ def _dataset(num_workers=2, stall_after_batches=None):
   config.update(source="shapes", image_size=32, batch_size=BATCH, num_workers=num_workers,
                 prefetch_buffer=1)
   transform = (StallAfter(stall_after_batches * BATCH) if stall_after_batches
-               else conditioning.CaptionIds(shapes.train_captions(0) + [""]))
+               else transforms.CaptionIds(shapes.train_captions(0) + [""]))
   dataset = pipeline.make_train_dataset(config, transform)
   dataset.close_timeout = CLOSE_TIMEOUT
   return dataset

@@ -13,7 +13,7 @@ from li_dit.data import build
 from li_dit.data import order
 from li_dit.data import pipeline
 from li_dit.data.synthetic import shapes
-from li_dit.text import conditioning
+from li_dit.text import transforms
 
 import image_fixtures as fx
 
@@ -26,7 +26,7 @@ def _input_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _captions():
-  return conditioning.CaptionIds(shapes.train_captions(0) + [""])
+  return transforms.CaptionIds(shapes.train_captions(0) + [""])
 
 
 def _take(iterator, n):
@@ -182,7 +182,7 @@ def _tfds_config(data_dir, **overrides):
 
 def test_buckets_one_shape_per_batch_and_exact_resume_with_two_workers(tmp_path):
   data_dir, captions, sizes = _bucketed_dataset(str(tmp_path))
-  transform = conditioning.CaptionIds(captions)
+  transform = transforms.CaptionIds(captions)
   config = _tfds_config(data_dir, num_workers=2)
   with iter(pipeline.make_train_dataset(config, transform)) as it:
     seen = _take(it, 3)
@@ -211,7 +211,7 @@ def test_undecodable_record_is_replaced_and_counted(tmp_path):
   captions = [f"grey {i}" for i in range(8)]
   config = _input_config(source="tfds", tfds_name="broken", data_dir=str(tmp_path),
                          batch_size=4, caption_dropout=0.0)
-  batches = _first(pipeline.make_train_dataset(config, conditioning.CaptionIds(captions)), 2)
+  batches = _first(pipeline.make_train_dataset(config, transforms.CaptionIds(captions)), 2)
   skipped = sum(b["skipped"] for b in batches).sum(axis=0)
   assert skipped[pipeline.REASONS.index("unreadable_image")] == 1 and skipped.sum() == 1
   ids = [int(c) for b in batches for c in b["caption_id"]]

@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
 from li_dit.data import build, images, pipeline, sources  # noqa: E402
-from li_dit.text import conditioning  # noqa: E402
+from li_dit.text import transforms  # noqa: E402
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of captioned images (default: generated).")
 _NUM = flags.DEFINE_integer("num", 512, "Images to generate.", lower_bound=8)
@@ -101,7 +101,7 @@ def raw_limit(files: list[bytes]) -> float:
 def pipeline_rate(input_config, captions: list[str], warmup: int, batches: int) -> float:
   """Samples/s of the training pipeline over `batches` batches after `warmup` ones."""
   with iter(pipeline.make_train_dataset(input_config,
-                                        conditioning.CaptionIds(captions))) as iterator:
+                                        transforms.CaptionIds(captions))) as iterator:
     for _ in range(warmup):
       next(iterator)
     start = time.perf_counter()

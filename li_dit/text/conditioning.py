@@ -8,63 +8,27 @@ cached  Features of every caption a finite source can produce are computed once 
 
 Either way the instruction prefix is encoded once per LLM and shared by every prompt, and the
 classifier-free-guidance null condition is the empty prompt "" through the same path.
+
+`TextConditioner` is the device side: the frozen arrays the jitted step reads and the pure
+functions it calls. The data workers' transforms are in li_dit.text.transforms, the stored
+tables in li_dit.text.feature_cache.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from jax.sharding import PartitionSpec
 
-from li_dit.io import paths
 from li_dit.models.lidit import TextFeatures
 from li_dit.text import encoders as encoders_lib
-from li_dit.text import prompts as prompts_lib
+from li_dit.text import feature_cache
+from li_dit.text import transforms
 
 ONLINE, CACHED = "online", "cached"
-
-
-class TokenizeCaptions:
-  """Data-worker transform (picklable): caption -> token ids and mask for every LLM.
-
-  Returns {"tokens/<llm>": int32 [L], "mask/<llm>": bool [L], "truncated": int32 (0/1: the
-  caption was cut to fit at least one LLM's token limit)}.
-  """
-
-  def __init__(self, tokenizers: Mapping[str, tuple[Any, prompts_lib.PromptLayout]]):
-    self._tokenizers = dict(tokenizers)
-
-  def __call__(self, caption: str) -> dict[str, np.ndarray]:
-    out, truncated = {}, 0
-    for name, (tokenizer, layout) in self._tokenizers.items():
-      t = prompts_lib.tokenize_prompts(tokenizer, layout, [caption])
-      out[f"tokens/{name}"] = t.tokens[0]
-      out[f"mask/{name}"] = t.mask[0]
-      truncated = max(truncated, int(t.num_truncated))
-    out["truncated"] = np.int32(truncated)
-    return out
-
-
-class CaptionIds:
-  """Data-worker transform (picklable): caption -> its row in the cached feature table."""
-
-  def __init__(self, captions: Sequence[str]):
-    self._index = {c: i for i, c in enumerate(captions)}
-
-  def __call__(self, caption: str) -> dict[str, np.ndarray]:
-    if caption not in self._index:
-      raise KeyError(f"caption {caption!r} is not in the cached feature table; cached text "
-                     "features need a source with a fixed caption set (use text.encode=online)")
-    return {"caption_id": np.int32(self._index[caption]), "truncated": np.int32(0)}
 
 
 def _is_abstract(tree: Any) -> bool:
@@ -108,8 +72,9 @@ class TextConditioner:
   def data_transform(self):
     """The picklable caption transform the data workers apply in this mode."""
     if self.mode == ONLINE:
-      return TokenizeCaptions({n: (e.tokenizer, e.layout) for n, e in self.encoders.items()})
-    return CaptionIds(self.captions)
+      return transforms.TokenizeCaptions(
+          {n: (e.tokenizer, e.layout) for n, e in self.encoders.items()})
+    return transforms.CaptionIds(self.captions)
 
   def encode_prompts(self, prompts: Sequence[str]) -> list[TextFeatures]:
     """Runs the LLMs on `prompts` now (online, in batches): one TextFeatures per LLM, [B,...]."""
@@ -132,11 +97,10 @@ class TextConditioner:
     for name, enc in self.encoders.items():
       path = None
       if cache_dir:  # Local or gs://.
-        key = hashlib.sha256(json.dumps([enc.cache_key(), captions]).encode()).hexdigest()[:16]
-        path = epath.Path(cache_dir) / f"{name}-{key}.npz"
-        if path.exists():
-          with np.load(io.BytesIO(path.read_bytes())) as f:
-            self.tables[name] = (jnp.asarray(f["tokens"]), jnp.asarray(f["mask"]))
+        path = feature_cache.table_path(cache_dir, name, enc, captions)
+        table = feature_cache.read_table(path)
+        if table is not None:
+          self.tables[name] = table
           logging.info("text features of %d captions for %s loaded from %s", len(captions),
                        name, path)
           continue
@@ -144,11 +108,7 @@ class TextConditioner:
           {name: enc}, ONLINE, self._batch_size).encode_prompts(captions)[0]
       self.tables[name] = (feats.tokens, feats.mask)
       if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-          local = os.path.join(tmp, "table.npz")
-          np.savez(local, tokens=np.asarray(feats.tokens), mask=np.asarray(feats.mask))
-          paths.publish(local, path)  # Never a half-written table under the final name.
+        feature_cache.write_table(path, feats.tokens, feats.mask)
 
   # -- device side ------------------------------------------------------------------------------
   def frozen(self) -> dict[str, Any]:

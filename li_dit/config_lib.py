@@ -70,9 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
   # features once (sources with a fixed caption set only).
   config.text = dict(encode="online", llms={})
 
-  # The latent space (li_dit.latents). path "": pixel space. Else a diffusers AutoencoderKL folder
-  # (or a pipeline folder holding vae/); the train step encodes each batch with it, and
-  # model.channels must equal its latent_channels. dtype: its parameters and computation.
+  # The latent space (li_dit.diffusion.image_space). path "": pixel space. Else a diffusers
+  # AutoencoderKL folder (or a pipeline folder holding vae/); the train step encodes each batch
+  # with it, and model.channels must equal its latent_channels. dtype: its parameters and
+  # computation.
   # sample_latents: x0 is a draw from the encoder's Gaussian (False: its mean).
   config.vae = dict(path="", dtype="float32", sample_latents=True)
 
@@ -159,7 +160,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Semantic checks of a training config; raises ConfigError naming the field.
 
   What depends on the VAE's own config (latent channels, f) is checked where it is read,
-  `li_dit.latents.from_config`.
+  `li_dit.diffusion.image_space.from_config`.
   """
   m = config.model
   _require(m.width % m.num_heads == 0, "model.width",

@@ -5,7 +5,7 @@ training.
 One jitted program encodes the prompts and the empty prompt with the frozen LLMs, runs the
 sampler (the refiners and the DiT at every step, conditional and unconditional halves as one
 batch split over the data-parallel axes) and, in a VAE's latent space, decodes the result to
-pixels (li_dit.latents).
+pixels (li_dit.diffusion.image_space).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from etils import epath
 from PIL import Image
 
 from li_dit import config_lib
-from li_dit import latents
 from li_dit.data import order
 from li_dit.diffusion import flow
+from li_dit.diffusion import image_space
 from li_dit.diffusion import samplers
 from li_dit.models import layers
 from li_dit.models import lidit
@@ -78,7 +78,7 @@ class Generator:
   """
 
   def __init__(self, model: lidit.LIDiT, conditioner: conditioning.TextConditioner,
-               space: latents.ImageSpace, config: ml_collections.ConfigDict,
+               space: image_space.ImageSpace, config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh, rules: Any):
     self.model = model
     self.conditioner = conditioner
@@ -137,7 +137,7 @@ class Generator:
     return np.asarray(images)[:len(prompts)]
 
 
-def _generate(model: lidit.LIDiT, space: latents.ImageSpace,
+def _generate(model: lidit.LIDiT, space: image_space.ImageSpace,
               conditioner: conditioning.TextConditioner, params: Any, llm_state: Any,
               frozen_vae: Any, tokens: dict[str, jax.Array], null_tokens: dict[str, jax.Array],
               noise: jax.Array, cfg_scale: jax.Array, steps: int, sampler: str, shift: float
@@ -197,7 +197,7 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True,
       raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
     config = ckpt.restore_config(step)
     mesh, rules = _sampling_mesh(config, mesh_sizes)
-    space = latents.from_config(config, mesh, rules)
+    space = image_space.from_config(config, mesh, rules)
     conditioner = conditioning.TextConditioner(
         encoders_lib.build_encoders(config.text, mesh, rules), conditioning.ONLINE)
     model = lidit.build_model(config, len(conditioner.names))

@@ -29,9 +29,9 @@ import numpy as np
 
 from li_dit import config_lib
 from li_dit import flops as flops_lib
-from li_dit import latents
 from li_dit.data import order
 from li_dit.diffusion import flow
+from li_dit.diffusion import image_space
 from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
@@ -54,7 +54,7 @@ def planned_encoders(config: ml_collections.ConfigDict, prefix_tokens: int = 64,
 
 
 def abstract_params(config: ml_collections.ConfigDict, encoders: Encoders,
-                    space: latents.ImageSpace) -> Any:
+                    space: image_space.ImageSpace) -> Any:
   """The trainable model's parameters of `config` as boxed ShapeDtypeStructs (logical axes
   kept), from jax.eval_shape."""
   size = config.input.image_size
@@ -69,7 +69,7 @@ def leaf_name(path: tuple[Any, ...]) -> str:
 
 
 def param_counts(config: ml_collections.ConfigDict, encoders: Encoders,
-                 space: latents.ImageSpace) -> dict[str, int]:
+                 space: image_space.ImageSpace) -> dict[str, int]:
   """Parameters of the trainable model per '/'-joined leaf path, from jax.eval_shape."""
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config, encoders,
                                                                        space)))[0]
@@ -82,7 +82,7 @@ def _text_shapes(encoders: Encoders) -> list[flops_lib.TextShape]:
 
 
 def forward_flops(config: ml_collections.ConfigDict, encoders: Encoders,
-                  space: latents.ImageSpace) -> dict[str, int]:
+                  space: image_space.ImageSpace) -> dict[str, int]:
   """Forward model FLOPs of one example at the square image size (li_dit.flops): "refiners",
   "dit", and "llms" (one prompt row through every LLM, after its cached prefix)."""
   texts = _text_shapes(encoders)
@@ -93,7 +93,7 @@ def forward_flops(config: ml_collections.ConfigDict, encoders: Encoders,
 
 
 def step_flops(config: ml_collections.ConfigDict, encoders: Encoders,
-               space: latents.ImageSpace) -> dict[str, int]:
+               space: image_space.ImageSpace) -> dict[str, int]:
   """Model FLOPs of one train step of `config` over its global batch (li_dit.flops), at the
   DiT's input size; the VAE's encoder is not counted."""
   return flops_lib.train_step_flops(
@@ -114,7 +114,7 @@ def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int, num_slices: 
   return {axis: a * b for axis, a, b in zip(sharding.MESH_AXES, ici, dcn)}
 
 
-def make(config: ml_collections.ConfigDict, encoders: Encoders, space: latents.ImageSpace,
+def make(config: ml_collections.ConfigDict, encoders: Encoders, space: image_space.ImageSpace,
          mesh: Mapping[str, int]) -> dict[str, Any]:
   """The run card of `config` (see the module docstring) on a mesh of these axis sizes (a
   Mesh's `shape`, or `mesh_sizes`)."""

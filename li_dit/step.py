@@ -16,10 +16,10 @@ import ml_collections
 import numpy as np
 
 from li_dit import config_lib
-from li_dit import latents
 from li_dit import optim
 from li_dit.data import records
 from li_dit.diffusion import flow
+from li_dit.diffusion import image_space
 from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
@@ -33,7 +33,7 @@ class TrainState:
   opt_state: Any
 
 
-def make_train_step(model, conditioner: conditioning.TextConditioner, space: latents.ImageSpace,
+def make_train_step(model, conditioner: conditioning.TextConditioner, space: image_space.ImageSpace,
                     tx, schedule, config: ml_collections.ConfigDict, shift: float):
   """The one train step: (state, frozen arrays (`frozen_arrays`), batch) -> (state, metrics)."""
   base_rng = jax.random.key(config.seed)
@@ -118,14 +118,14 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   return rules
 
 
-def frozen_arrays(conditioner: conditioning.TextConditioner, space: latents.ImageSpace
+def frozen_arrays(conditioner: conditioning.TextConditioner, space: image_space.ImageSpace
                   ) -> dict[str, Any]:
   """The frozen side of the train step, one pytree: {"text": ..., "vae": ...}."""
   return {"text": conditioner.frozen(), "vae": space.frozen()}
 
 
 def plan_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-              conditioner: conditioning.TextConditioner, space: latents.ImageSpace) -> StepPlan:
+              conditioner: conditioning.TextConditioner, space: image_space.ImageSpace) -> StepPlan:
   """Builds the model, optimizer, state shardings and the jitted train step on `mesh`.
 
   Raises ConfigError when the global batch does not divide over the data-parallel devices.
@@ -181,7 +181,7 @@ def example_text_batch(conditioner: conditioning.TextConditioner, batch_size: in
 
 
 def example_batch(config: ml_collections.ConfigDict, conditioner: conditioning.TextConditioner,
-                  space: latents.ImageSpace) -> dict[str, np.ndarray]:
+                  space: image_space.ImageSpace) -> dict[str, np.ndarray]:
   """A global data batch of `config` as the pipeline makes it, zeros (square image_size)."""
   size, batch = config.input.image_size, config.input.batch_size
   return {"image": np.zeros((batch, size, size, space.image_channels), np.uint8),

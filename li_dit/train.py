@@ -34,13 +34,13 @@ from ml_collections import config_flags
 from li_dit import config_lib
 from li_dit import flops as flops_lib
 from li_dit import generate
-from li_dit import latent_cache
-from li_dit import latents
 from li_dit import metrics as metrics_lib
 from li_dit import run_card
 from li_dit import step as step_lib
+from li_dit.data import latent_datasets
 from li_dit.data import pipeline
 from li_dit.data import sources
+from li_dit.diffusion import image_space
 from li_dit.io import checkpoints
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
@@ -124,11 +124,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   # Before any LLM is loaded or anything compiled.
   rules = step_lib.check_batch_divides(config, mesh)
   # A dataset of latents must have been encoded by the config's VAE, at its buckets.
-  data_latents = latent_cache.dataset_metadata(config.input)
+  data_latents = latent_datasets.dataset_metadata(config.input)
   if data_latents is not None:
-    latent_cache.check_dataset(config, data_latents)
+    latent_datasets.check_dataset(config, data_latents)
   # Pixels, or a frozen VAE (checked against the config before its weights are read).
-  space = latents.from_config(config, mesh, rules)
+  space = image_space.from_config(config, mesh, rules)
   # The frozen text side: LLMs (loaded straight into their shards), their instruction prefixes,
   # and (cached mode) the feature table.
   encoders = encoders_lib.build_encoders(config.text, mesh, rules)

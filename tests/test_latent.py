@@ -1,7 +1,7 @@
-"""Training and sampling in the latent space of a frozen VAE (li_dit.latents), on a tiny random
-FLUX-layout VAE made offline (tests/vae_fixtures.py): the image space against diffusers, the
-config errors raised before anything is loaded or compiled, and configs/demo.py:latent_smoke
-end to end through `python -m li_dit.train` and `python -m li_dit.sample`."""
+"""Training and sampling in the latent space of a frozen VAE (li_dit.diffusion.image_space), on a
+tiny random FLUX-layout VAE made offline (tests/vae_fixtures.py): the image space against diffusers,
+the config errors raised before anything is loaded or compiled, and configs/demo.py:latent_smoke end
+to end through `python -m li_dit.train` and `python -m li_dit.sample`."""
 import json
 import os
 import shutil
@@ -20,8 +20,8 @@ from PIL import Image
 import smoke_runs
 import vae_fixtures
 from li_dit import config_lib
-from li_dit import latents
 from li_dit import train
+from li_dit.diffusion import image_space
 from li_dit.text import encoders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def test_image_space_matches_diffusers(vae_folder):
   """x0 = (mean - shift) * scale of the images in [-1, 1]; decode inverts the normalisation."""
   config = _latent_smoke(vae_folder)
   config.vae.sample_latents = False
-  space = latents.from_config(config)
+  space = image_space.from_config(config)
   images = np.random.default_rng(0).integers(0, 256, (2, 16, 24, 3), np.uint8)
   x0 = jax.jit(space.encode)(space.frozen(), images, jax.random.key(0))
   decoded = jax.jit(space.decode)(space.frozen(), x0)
@@ -63,7 +63,7 @@ def test_image_space_matches_diffusers(vae_folder):
                              atol=1e-4)
 
   config.vae.sample_latents = True
-  sampled = latents.from_config(config)
+  sampled = image_space.from_config(config)
   draws = [sampled.encode(sampled.frozen(), images, jax.random.key(k)) for k in (0, 0, 1)]
   np.testing.assert_array_equal(draws[0], draws[1])  # A function of the key (resume is exact).
   assert np.abs(draws[0] - draws[2]).max() > 0 and np.abs(draws[0] - x0).max() > 0

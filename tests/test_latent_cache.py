@@ -1,8 +1,8 @@
-"""Datasets of latents (li_dit.latent_cache, tools/encode_latents.py) on a tiny random FLUX-layout
-VAE made offline: the pipeline's batches of a float32 dataset of latents give the train step the
-x0 of online encoding; bad images are skipped and counted, an interrupted encode is finished by
-a rerun; a config that does not fit the dataset fails before anything loads; and (slow) a run on
-cached latents logs the losses of the online run."""
+"""Datasets of latents (li_dit.data.latent_datasets, tools/encode_latents.py) on a tiny random
+FLUX-layout VAE made offline: the pipeline's batches of a float32 dataset of latents give the train
+step the x0 of online encoding; bad images are skipped and counted, an interrupted encode is
+finished by a rerun; a config that does not fit the dataset fails before anything loads; and (slow)
+a run on cached latents logs the losses of the online run."""
 import json
 import os
 import socket
@@ -18,12 +18,12 @@ import image_fixtures as fx
 import smoke_runs
 import vae_fixtures
 from li_dit import config_lib
-from li_dit import latent_cache
-from li_dit import latents
 from li_dit import train
 from li_dit.data import build
+from li_dit.data import latent_datasets
 from li_dit.data import pipeline
 from li_dit.data.synthetic import shapes
+from li_dit.diffusion import image_space
 from li_dit.text import encoders
 from li_dit.text import transforms
 from test_latent import _latent_smoke  # pylint: disable=g-bad-import-order
@@ -51,7 +51,7 @@ def data(tmp_path_factory, vae_folder) -> str:
   build.build([str(folder)], data_dir, "shapes_px", workers=1)
   config = _on(_latent_smoke(vae_folder), "shapes_px", data_dir)
   for name, dtype in (("shapes_f32", "float32"), ("shapes_f16", "float16")):
-    latent_cache.encode_dataset(config, data_dir, name, dtype=dtype, examples_per_shard=16)
+    latent_datasets.encode_dataset(config, data_dir, name, dtype=dtype, examples_per_shard=16)
   return data_dir
 
 
@@ -68,7 +68,7 @@ def _batches(config, n: int) -> list[dict[str, np.ndarray]]:
 
 def test_cached_latents_give_the_train_step_the_online_x0(data, vae_folder):
   online = _on(_latent_smoke(vae_folder), "shapes_px", data)
-  space = latents.from_config(online)
+  space = image_space.from_config(online)
   x0 = jax.jit(space.x0)
   rng = jax.random.key(7)
   expected = _batches(online, 6)  # Across an epoch boundary (5 batches per epoch).
@@ -86,7 +86,7 @@ def test_cached_latents_give_the_train_step_the_online_x0(data, vae_folder):
       assert np.abs(a).max() > 0.5  # Not vacuous: the latents are not near zero.
 
   metadata = json.loads((build.dataset_dir(data, "shapes_f32", "1.0.0") /
-                         latent_cache.METADATA).read_text())
+                         latent_datasets.METADATA).read_text())
   assert metadata["buckets"] == [[32, 32]] and metadata["channels"] == 16
   assert metadata["vae"]["config"]["shift_factor"] == vae_fixtures.TINY_FLUX["shift_factor"]
 
@@ -153,14 +153,14 @@ def test_a_config_that_does_not_fit_the_dataset_fails_before_loading(
     config.input.image_size = 64
   else:
     metadata = json.loads((build.dataset_dir(data, "shapes_f32", "1.0.0") /
-                           latent_cache.METADATA).read_text())
-    monkeypatch.setattr(latent_cache, "dataset_metadata",
+                           latent_datasets.METADATA).read_text())
+    monkeypatch.setattr(latent_datasets, "dataset_metadata",
                         lambda _: {**metadata, "format_version": 99})
 
   def no_loading(*args, **kwargs):
     raise AssertionError("something was loaded before the dataset was checked")
   monkeypatch.setattr(encoders, "build_encoders", no_loading)
-  monkeypatch.setattr(latents, "from_config", no_loading)
+  monkeypatch.setattr(image_space, "from_config", no_loading)
   with pytest.raises(config_lib.ConfigError) as error:
     train.train(config, str(tmp_path / "run"))
   assert str(error.value).startswith(message), error.value

@@ -10,9 +10,9 @@ import sys
 import jax
 import pytest
 
-from li_dit import latents
 from li_dit import optim
 from li_dit import run_card
+from li_dit.diffusion import image_space
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def _card(spec: str, devices: int, **overrides):
   config = _config(spec)
   config.update_from_flattened_dict(overrides)
   return run_card.make(config, run_card.planned_encoders(config),
-                       latents.from_config(config, load=False),
+                       image_space.from_config(config, load=False),
                        run_card.mesh_sizes(config, devices))
 
 
@@ -89,7 +89,7 @@ def test_weight_decay_falls_on_kernels_and_embeddings_of_the_1b(scan):
   config.model.scan_layers = scan
   config.model.depth = 28 if scan else 2  # Unrolled: the same blocks, fewer of them.
   encoders = run_card.planned_encoders(config)
-  abstract = run_card.abstract_params(config, encoders, latents.from_config(config, load=False))
+  abstract = run_card.abstract_params(config, encoders, image_space.from_config(config, load=False))
   mask = optim.decay_mask(abstract)  # Boxed leaves, as the optimizer is built from.
   leaves = jax.tree_util.tree_leaves_with_path(mask)
   decayed = {run_card.leaf_name(path) for path, leaf in leaves if leaf}

@@ -45,10 +45,10 @@ from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
 from li_dit import generate  # noqa: E402
-from li_dit import latents  # noqa: E402
 from li_dit import run_card  # noqa: E402
 from li_dit import step as step_lib  # noqa: E402
 from li_dit.diffusion import flow  # noqa: E402
+from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.models import lidit  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
@@ -98,7 +98,7 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
   mesh = step_lib.make_mesh(config, devices)
   encoders = run_card.planned_encoders(config, prefix_tokens, suffix_tokens)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
-  space = latents.from_config(config, load=False)
+  space = image_space.from_config(config, load=False)
   card = run_card.make(config, encoders, space, mesh.shape)
   if program == "train":
     rules, lower, args, flops = _train_program(config, mesh, conditioner, space)

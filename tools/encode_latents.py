@@ -8,7 +8,7 @@ Reads config.input's data (a dataset built by tools/build_dataset.py, or the sha
 --num_records, it is endless), fits each image to its aspect-ratio bucket (config.input.buckets,
 or image_size square) as the training pipeline does, and stores the Gaussian that config.vae's
 encoder gives it, mean and log-variance [H/f, W/f, C], with the captions, in the source's order
-(li_dit.latent_cache). Images that do not decode are skipped and counted in summary.json.
+(li_dit.data.latent_datasets). Images that do not decode are skipped and counted in summary.json.
 The batch is split over this host's devices. Rerunning the command after an interruption keeps
 the finished shards.
 
@@ -29,7 +29,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import latent_cache  # noqa: E402
+from li_dit.data import latent_datasets  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -39,7 +39,7 @@ _VERSION = flags.DEFINE_string("version", "1.0.0", "Dataset version.")
 _NUM = flags.DEFINE_integer("num_records", None, "Encode the first N source records (default: "
                             "all; needed for the endless shapes source).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per encoder call.", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float16", list(latent_cache.DTYPES),
+_DTYPE = flags.DEFINE_enum("dtype", "float16", list(latent_datasets.DTYPES),
                            "dtype of the stored latents.")
 _PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000, "Source records per shard.",
                                   lower_bound=1)
@@ -53,7 +53,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_lib.validate(config)
-    summary = latent_cache.encode_dataset(config, _OUT.value, _NAME.value, _VERSION.value,
+    summary = latent_datasets.encode_dataset(config, _OUT.value, _NAME.value, _VERSION.value,
                                           _NUM.value, _BATCH.value, _DTYPE.value,
                                           _PER_SHARD.value)
   except ValueError as e:  # ConfigError and bad input: the message names them.

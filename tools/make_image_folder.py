@@ -3,9 +3,9 @@ r"""Writes a captioned image folder (image + same-stem .txt) for tools/build_dat
   python tools/make_image_folder.py --source shapes --out DIR [--num 5000] [--image_size 32]
   python tools/make_image_folder.py --source emoji --out DIR [--image_size 64]
 
-shapes: the synthetic shapes source's training split (li_dit.data.synthetic.shapes), records 0..num-1,
-as PNG. emoji: the 3,655 fully-qualified Noto colour emoji (Debian fonts-noto-color-emoji and
-unicode-data), captioned with their Unicode names, as PNG.
+shapes: the synthetic shapes source's training split (li_dit.data.synthetic.shapes), records
+0..num-1, as PNG. emoji: the 3,655 fully-qualified Noto colour emoji (Debian fonts-noto-color-emoji
+and unicode-data), captioned with their Unicode names, as PNG.
 """
 from __future__ import annotations
 

@@ -50,10 +50,10 @@ from ml_collections import config_flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import latents  # noqa: E402
 from li_dit import run_card  # noqa: E402
 from li_dit.data import build  # noqa: E402
 from li_dit.data.synthetic import shapes  # noqa: E402
+from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.io import architectures  # noqa: E402
 from li_dit.io import packaged  # noqa: E402
 from li_dit.io import tiny  # noqa: E402
@@ -185,7 +185,7 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
 
   def check_run_card(record):
     config_lib.validate(config)
-    space = latents.from_config(config, load=False)
+    space = image_space.from_config(config, load=False)
     card = run_card.make(config, run_card.planned_encoders(config), space,
                          run_card.mesh_sizes(config, DEVICES))
     print(run_card.describe(card), flush=True)

@@ -24,8 +24,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import latents  # noqa: E402
 from li_dit import run_card  # noqa: E402
+from li_dit.diffusion import image_space  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", None, "Devices the run has (default: this machine's).",
@@ -47,7 +47,7 @@ def main(argv):
     config_lib.validate(config)
     mesh = run_card.mesh_sizes(config, _DEVICES.value or jax.device_count(), _SLICES.value)
     card = run_card.make(config, run_card.planned_encoders(config, _PREFIX.value, _SUFFIX.value),
-                         latents.from_config(config, load=False), mesh)
+                         image_space.from_config(config, load=False), mesh)
   except config_lib.ConfigError as e:
     sys.exit(f"run_card: {e}")
   print(run_card.describe(card))

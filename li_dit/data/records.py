@@ -8,7 +8,7 @@ pipeline and `tfds.data_source(name, data_dir=...)` read the same thing. One rec
   captions  one or more cleaned captions
   key       where the example came from (file path, table row, tar member)
 
-A dataset of latents (tools/encode_latents.py, li_dit.latent_cache) has LATENT_MEAN and
+A dataset of latents (tools/encode_latents.py, li_dit.data.latent_datasets) has LATENT_MEAN and
 LATENT_LOGVAR in place of image: the encoder's Gaussian of the image fitted to its bucket.
 
 Inputs (`iter_items`): a folder of images with sidecar `.txt`/`.json` captions, a JSONL, CSV or

@@ -5,15 +5,19 @@
                           step encodes every batch online, x0 = normalize(z) with z a draw from
                           the encoder's Gaussian (config.vae.sample_latents) or its mean, under
                           stop_gradient; generation samples latents, denormalizes and decodes them.
-                          A dataset of latents (tools/encode_latents.py, li_dit.latent_cache)
-                          holds the encoder's Gaussians instead of images: the step draws z from
-                          them the same way, so cached and online runs see the same x0.
+                          A dataset of latents (tools/encode_latents.py,
+                          li_dit.data.latent_datasets) holds the encoder's Gaussians instead of
+                          images: the step draws z from them the same way, so cached and online
+                          runs see the same x0.
 
 `config.input.image_size` and `config.input.buckets` are pixels either way; the DiT sees
 [B, H/f, W/f, model.channels] (f = 1 in pixel space). Like the frozen LLMs, the VAE's parameters
 are arrays passed into jitted functions (`frozen()`), never closed over and never checkpointed
 with the run. Their logical axes (conv_h, conv_w, channels_in, channels) have no mesh axis in the
 default rules, so the VAE is replicated; its activations are split over the batch.
+
+The image space belongs to the diffusion process, not to one job: the train step draws x0 from
+it, generation decodes with it, and a dataset of latents is encoded by it.
 """
 from __future__ import annotations
 

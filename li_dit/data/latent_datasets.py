@@ -7,9 +7,9 @@ tools/build_dataset.py, or the shapes source), fits every image to its aspect-ra
 the pipeline does, runs config.vae's encoder over it and writes a TFDS ArrayRecord dataset
 (li_dit.data.build) whose records hold the encoder's Gaussian, mean and log-variance
 [H/f, W/f, C], with the captions, in the source's order. The train step draws x0 from them as
-online encoding does (li_dit.latents.ImageSpace.x0), so config.vae.sample_latents keeps its
-meaning, and a float32 dataset trains as online encoding does, up to float rounding. float16
-(the default) halves the disk and the host-to-device bytes.
+online encoding does (li_dit.diffusion.image_space.ImageSpace.x0), so config.vae.sample_latents
+keeps its meaning, and a float32 dataset trains as online encoding does, up to float rounding.
+float16 (the default) halves the disk and the host-to-device bytes.
 
 `latents.json` beside the shards records what the latents depend on: the VAE (its config and
 the sha256 of its weights), the bucket shapes and the storage dtype. Training on the dataset
@@ -30,8 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from li_dit import config_lib
-from li_dit import latents
 from li_dit.data import build, images, order, records, sources
+from li_dit.diffusion import image_space
 from li_dit.io import diffusers_vae
 
 METADATA = "latents.json"
@@ -199,7 +199,7 @@ def encode_dataset(config: ml_collections.ConfigDict, out: str, name: str,
     raise config_lib.ConfigError(f"--batch_size {batch_size} does not divide over this host's "
                                  f"{len(devices)} devices")
   start = time.time()
-  space = latents.from_config(config)  # The VAE, checked against the config first.
+  space = image_space.from_config(config)  # The VAE, checked against the config first.
   source = sources.make_source(config.input)
   count = len(source) if num_records is None else min(num_records, len(source))
   shapes_hw = order.bucket_shapes(config.input)

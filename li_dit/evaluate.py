@@ -18,9 +18,10 @@ from absl import app, flags
 from etils import epath
 
 from li_dit import config_lib
-from li_dit import generate
-from li_dit.data.synthetic import shapes
 from li_dit.data import shapes_score
+from li_dit.data.synthetic import shapes
+from li_dit.generation import generator as generator_lib
+from li_dit.generation import load
 from li_dit.io import checkpoints
 
 BENCHMARKS = ("shapes",)
@@ -42,7 +43,7 @@ _MESH = flags.DEFINE_string("mesh", None, "data=D,fsdp=F,tensor=T (default: the 
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def evaluate_shapes(generator: generate.Generator, params, prompts: list[str],
+def evaluate_shapes(generator: generator_lib.Generator, params, prompts: list[str],
                     samples_per_prompt: int, seed: int, steps: int, cfg: float, sampler: str,
                     batch_size: int) -> tuple[dict, np.ndarray]:
   """Samples `samples_per_prompt` images per prompt and scores them. Returns (report, images)."""
@@ -61,8 +62,8 @@ def main(argv):
   del argv
   config_lib.quiet_library_logs()
   try:
-    mesh = generate.parse_mesh(_MESH.value) if _MESH.value else None
-    config, generator, params, step = generate.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
+    mesh = load.parse_mesh(_MESH.value) if _MESH.value else None
+    config, generator, params, step = load.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
                                                         mesh)
   except (config_lib.ConfigError, checkpoints.CheckpointError, ValueError) as e:
     sys.exit(f"li_dit.evaluate: {e}")
@@ -82,7 +83,7 @@ def main(argv):
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2))
   if _GRID.value:
-    generate.save_grid(images[::_SAMPLES.value], _GRID.value, scale=4)
+    generator_lib.save_grid(images[::_SAMPLES.value], _GRID.value, scale=4)
   for key, value in report.items():
     if key.endswith("accuracy"):
       print(f"{key:>24}: {value:.3f}")

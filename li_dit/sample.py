@@ -17,7 +17,8 @@ import sys
 from absl import app, flags
 
 from li_dit import config_lib
-from li_dit import generate
+from li_dit.generation import generator as generator_lib
+from li_dit.generation import load
 from li_dit.io import checkpoints
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -38,7 +39,7 @@ _MESH = flags.DEFINE_string("mesh", None, "data=D,fsdp=F,tensor=T (default: the 
 flags.mark_flags_as_required(["workdir", "prompt", "out"])
 
 
-def parse_size(text: str | None, generator: generate.Generator) -> tuple[int, int] | None:
+def parse_size(text: str | None, generator: generator_lib.Generator) -> tuple[int, int] | None:
   """--size "HxW" -> (H, W), one of the run's trained sizes; ConfigError naming them."""
   if text is None:
     return None
@@ -56,8 +57,8 @@ def main(argv):
   del argv
   config_lib.quiet_library_logs()
   try:
-    mesh = generate.parse_mesh(_MESH.value) if _MESH.value else None
-    config, generator, params, step = generate.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
+    mesh = load.parse_mesh(_MESH.value) if _MESH.value else None
+    config, generator, params, step = load.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
                                                         mesh)
     size = parse_size(_SIZE.value, generator)
   except (config_lib.ConfigError, checkpoints.CheckpointError, ValueError) as e:
@@ -67,7 +68,7 @@ def main(argv):
                      steps=_STEPS.value or config.sample.steps,
                      cfg_scale=config.sample.cfg if _CFG.value is None else _CFG.value,
                      sampler=_SAMPLER.value or config.sample.sampler, size=size)
-  generate.save_grid(images, _OUT.value, columns=_NUM.value if _NUM.value > 1 else None,
+  generator_lib.save_grid(images, _OUT.value, columns=_NUM.value if _NUM.value > 1 else None,
                      scale=_SCALE.value)
   print(f"wrote {len(images)} image(s) of {images.shape[1]}x{images.shape[2]} from step {step} "
         f"of {_WORKDIR.value} to {_OUT.value} (mesh {dict(generator.mesh.shape)})")

@@ -461,7 +461,7 @@ def load_pretrained_weights(model: nn.Module, path: str) -> None:
   model.load_state_dict(tensors, strict=True, assign=True)
 
 
-# -- sampling (li_dit/diffusion/samplers.py, li_dit/generate.py) ----------------------------------
+# -- sampling (li_dit/diffusion/samplers.py, li_dit/generation/generator.py) ----------------------
 # denoise(x [2B,...], t [2B]) -> velocity [2B,...]; the first B rows are conditional.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

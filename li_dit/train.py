@@ -33,7 +33,6 @@ from ml_collections import config_flags
 
 from li_dit import config_lib
 from li_dit import flops as flops_lib
-from li_dit import generate
 from li_dit import metrics as metrics_lib
 from li_dit import run_card
 from li_dit import step as step_lib
@@ -41,6 +40,7 @@ from li_dit.data import latent_datasets
 from li_dit.data import pipeline
 from li_dit.data import sources
 from li_dit.diffusion import image_space
+from li_dit.generation import generator as generator_lib
 from li_dit.io import checkpoints
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
@@ -194,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       state = initialize_from(config.init_from, state)
 
     # Sample grids run on the training mesh, the EMA parameters where they are.
-    generator = generate.Generator(model, conditioner, space, config, mesh, rules)
+    generator = generator_lib.Generator(model, conditioner, space, config, mesh, rules)
     writer = opened.enter_context(metrics_lib.MetricWriter(workdir, enabled=is_main))
     peak, peak_source = flops_lib.peak_flops()
     if is_main:
@@ -213,7 +213,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       images = generator(state.ema_params, list(config.sample.prompts), config.sample.seed,
                          config.sample.steps, config.sample.cfg, config.sample.sampler)
       if is_main:
-        generate.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"), scale=4)
+        generator_lib.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"),
+                                scale=4)
 
     pending = []
     for step in range(start + 1, config.total_steps + 1):

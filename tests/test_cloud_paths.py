@@ -20,11 +20,11 @@ import pytest
 from etils import epath
 from PIL import Image
 
-from li_dit import generate
 from li_dit import metrics as metrics_lib
 from li_dit.data import build
-from li_dit.io import checkpoints
 from li_dit.data import pipeline
+from li_dit.generation import generator as generator_lib
+from li_dit.io import checkpoints
 from li_dit.text import transforms
 
 import image_fixtures as fx
@@ -127,7 +127,7 @@ def test_a_runs_files_go_to_a_bucket(gcs, tmp_path, monkeypatch):
   assert len(events) == 2 and all(e.stat().length > 0 for e in events)
 
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
-  generate.save_grid(images, str(run / "samples" / "step_3.png"))
+  generator_lib.save_grid(images, str(run / "samples" / "step_3.png"))
   grid = np.asarray(Image.open(io.BytesIO((run / "samples" / "step_3.png").read_bytes())))
   np.testing.assert_array_equal(grid[8:, :8], images[2])
 

@@ -22,8 +22,8 @@ import safetensors.torch
 import torch
 
 import vae_fixtures
-from li_dit import generate
 from li_dit import torch_model
+from li_dit.generation import load
 from li_dit.io import torch_export
 from li_dit.models import lidit
 
@@ -297,10 +297,10 @@ def _pipeline_psnr(workdir: str, out: str, tmp_path) -> float:
   prompts from the same initial noise, both with the run's sampler defaults."""
   seed = 3
   # What `python -m li_dit.sample --workdir W --noema --seed 3 --prompt ...` computes.
-  config, generator, params, _ = generate.load_run(workdir, ema=False)
+  config, generator, params, _ = load.load_run(workdir, ema=False)
   want = generator(params, PROMPTS, seed=seed, steps=config.sample.steps,
                    cfg_scale=config.sample.cfg, sampler=config.sample.sampler)
-  # generate.Generator's noise, NHWC -> the pipeline's NCHW.
+  # The Generator's noise, NHWC -> the pipeline's NCHW.
   noise = generator.noise(seed, len(PROMPTS), (config.input.image_size,) * 2)
   np.save(tmp_path / "noise.npy", np.asarray(noise).transpose(0, 3, 1, 2))
   image = tmp_path / "images.png"

@@ -44,11 +44,11 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import generate  # noqa: E402
 from li_dit import run_card  # noqa: E402
 from li_dit import step as step_lib  # noqa: E402
 from li_dit.diffusion import flow  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
+from li_dit.generation import generator as generator_lib  # noqa: E402
 from li_dit.models import lidit  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
@@ -167,13 +167,13 @@ def _train_program(config, mesh, conditioner, space):
 
 
 def _sample_program(config, mesh, conditioner, space, batch: int | None):
-  """(rules, `lower` of the sampling program of li_dit.generate, its abstract arguments, model
-  FLOPs by part, the prompt batch): EMA parameters, LLMs and VAE on the mesh as li_dit.sample
-  places them, one batch of prompts (default: one per data-parallel device) at the square
-  image size, the run's sampler, steps and classifier-free guidance."""
+  """(rules, `lower` of the sampling program of li_dit.generation.generator, its abstract
+  arguments, model FLOPs by part, the prompt batch): EMA parameters, LLMs and VAE on the mesh as
+  li_dit.sample places them, one batch of prompts (default: one per data-parallel device) at the
+  square image size, the run's sampler, steps and classifier-free guidance."""
   rules = step_lib.check_batch_divides(config, mesh)
   model = lidit.build_model(config, len(conditioner.names))
-  generator = generate.Generator(model, conditioner, space, config, mesh, rules)
+  generator = generator_lib.Generator(model, conditioner, space, config, mesh, rules)
   batch = batch or generator.batch_multiple
   if batch % generator.batch_multiple:
     raise config_lib.ConfigError(f"--sample_batch={batch} does not divide over the "

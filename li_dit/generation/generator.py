@@ -1,18 +1,18 @@
 """Text-to-image generation from a model and its frozen text side, shared by training (sample
 grids), `li_dit.sample` and `li_dit.evaluate`, on the same device mesh and logical rules as
-training.
+training (`li_dit.generation.load.load_run` makes one of a trained run).
 
 One jitted program encodes the prompts and the empty prompt with the frozen LLMs, runs the
 sampler (the refiners and the DiT at every step, conditional and unconditional halves as one
 batch split over the data-parallel axes) and, in a VAE's latent space, decodes the result to
-pixels (li_dit.diffusion.image_space).
+pixels (li_dit.diffusion.image_space). `save_grid` writes the images as one PNG grid.
 """
 from __future__ import annotations
 
 import functools
 import io
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,6 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from li_dit import config_lib
 from li_dit.data import order
 from li_dit.diffusion import flow
 from li_dit.diffusion import image_space
@@ -31,35 +30,11 @@ from li_dit.models import layers
 from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
-from li_dit.text import encoders as encoders_lib
 
 
 def to_uint8(x: jax.Array) -> jax.Array:
   """[-1, 1] float images -> uint8 (jit-able)."""
   return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def fit_mesh(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """A run's mesh sizes (config.mesh) fitted to `num_devices` devices: as they are when they fit;
-  else the run's tensor size where it divides the devices (1 otherwise) and fsdp over the rest,
-  which shards the parameters as far as the devices go."""
-  try:
-    return dict(zip(sharding.MESH_AXES, sharding.mesh_shape(sizes, num_devices)))
-  except ValueError:
-    tensor = int(sizes.get("tensor", 1))
-    tensor = tensor if tensor > 0 and num_devices % tensor == 0 else 1
-    return {"data": 1, "fsdp": num_devices // tensor, "tensor": tensor}
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """"data=D,fsdp=F,tensor=T" (any subset; the rest 1) -> sizes; ValueError naming the part."""
-  sizes = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    axis, _, value = part.partition("=")
-    if axis not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
-      raise ValueError(f"--mesh: {part!r} is not AXIS=SIZE with AXIS one of {sharding.MESH_AXES}")
-    sizes[axis] = int(value)
-  return sizes
 
 
 class Generator:
@@ -173,56 +148,3 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None, scale: 
   pil.save(buffer, Image.registered_extensions().get(path.suffix.lower(), "PNG"))
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(buffer.getvalue())
-
-
-def load_run(workdir: str, step: int | None = None, ema: bool = True,
-             mesh_sizes: Mapping[str, int] | None = None
-             ) -> tuple[ml_collections.ConfigDict, Generator, Any, int]:
-  """A trained run's config, a Generator on a mesh and its (EMA) params, from a checkpoint.
-
-  Args:
-    step: the checkpoint (default: the latest).
-    ema: the EMA parameters (else the raw ones).
-    mesh_sizes: {axis: size} of the mesh over the first devices of this process (li_dit.sample
-      --mesh); default: the run's mesh fitted to the devices present (`fit_mesh`).
-  Returns (config, generator, params, step). Parameters are restored straight into their shards,
-  the LLMs and the VAE loaded into theirs, by the run's logical rules; prompts are encoded online
-  (any prompt works). Raises CheckpointError (no checkpoint) or ConfigError (a mesh that does not
-  fit, a missing frozen model), naming what is wrong.
-  """
-  from li_dit.io import checkpoints  # Entry points only: keeps training imports lean.
-  with checkpoints.Checkpointer(workdir, async_save=False, create=False) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
-    config = ckpt.restore_config(step)
-    mesh, rules = _sampling_mesh(config, mesh_sizes)
-    space = image_space.from_config(config, mesh, rules)
-    conditioner = conditioning.TextConditioner(
-        encoders_lib.build_encoders(config.text, mesh, rules), conditioning.ONLINE)
-    model = lidit.build_model(config, len(conditioner.names))
-    size = config.input.image_size
-    abstract = lidit.abstract_params(model, [e.width for e in conditioner.encoders.values()],
-                                     space.latent_shape(size, size))
-    shardings = sharding.divisible_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract),
-                                             mesh, rules)
-    target = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(abstract),
-        shardings)
-    item = "ema_params" if ema else "params"
-    params = ckpt.restore(step, {item: target})[item]
-  return config, Generator(model, conditioner, space, config, mesh, rules), params, step
-
-
-def _sampling_mesh(config: ml_collections.ConfigDict, sizes: Mapping[str, int] | None
-                   ) -> tuple[jax.sharding.Mesh, Any]:
-  """The mesh (over this process's first devices) and logical rules a run samples with."""
-  devices = jax.local_devices()
-  sizes = fit_mesh(config.mesh, len(devices)) if sizes is None else dict(sizes)
-  count = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
-  try:
-    mesh = sharding.make_mesh(sizes, devices[:count])
-    rules = sharding.rules_from_config(config.sharding_rules)
-  except ValueError as e:
-    raise config_lib.ConfigError(f"--mesh: {e}") from e
-  return mesh, rules

@@ -32,10 +32,6 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from li_dit import config_lib
-from li_dit import flops as flops_lib
-from li_dit import metrics as metrics_lib
-from li_dit import run_card
-from li_dit import step as step_lib
 from li_dit.data import latent_datasets
 from li_dit.data import pipeline
 from li_dit.data import sources
@@ -45,6 +41,10 @@ from li_dit.io import checkpoints
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
+from li_dit.training import flops as flops_lib
+from li_dit.training import metrics as metrics_lib
+from li_dit.training import run_card
+from li_dit.training import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created, or resumed).")

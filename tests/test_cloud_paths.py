@@ -20,12 +20,12 @@ import pytest
 from etils import epath
 from PIL import Image
 
-from li_dit import metrics as metrics_lib
 from li_dit.data import build
 from li_dit.data import pipeline
 from li_dit.generation import generator as generator_lib
 from li_dit.io import checkpoints
 from li_dit.text import transforms
+from li_dit.training import metrics as metrics_lib
 
 import image_fixtures as fx
 from test_pipeline import _BUCKETS, _assert_same, _first, _tfds_config

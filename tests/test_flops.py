@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from li_dit import flops
 from li_dit.models import lidit
 from li_dit.models import llm
+from li_dit.training import flops
 
 # Unrolled blocks: XLA's cost analysis counts a scanned (while-loop) body once, not per layer.
 MODEL = lidit.ModelConfig(patch_size=2, channels=3, width=256, depth=2, num_heads=4,

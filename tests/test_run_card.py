@@ -1,6 +1,6 @@
-"""The run card (li_dit.run_card, tools/run_card.py): every size of the real configs is in pixels,
-the latent side is derived through the VAE's factor, and LI-DiT-1B's 256px stage is the base of
-the resolution shift; weight decay falls on kernels and embeddings only."""
+"""The run card (li_dit.training.run_card, tools/run_card.py): every size of the real configs is in
+pixels, the latent side is derived through the VAE's factor, and LI-DiT-1B's 256px stage is the base
+of the resolution shift; weight decay falls on kernels and embeddings only."""
 import importlib.util
 import json
 import os
@@ -10,9 +10,9 @@ import sys
 import jax
 import pytest
 
-from li_dit import optim
-from li_dit import run_card
 from li_dit.diffusion import image_space
+from li_dit.training import optim
+from li_dit.training import run_card
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

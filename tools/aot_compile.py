@@ -9,19 +9,19 @@ machine and plans its memory.
 and the VAE placed by the training rules, one batch of prompts encoded, the run's sampler
 (config.sample.steps, .sampler) with classifier-free guidance, the latents decoded to pixels.
 
-Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the CPU, on the
-devices of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one
-`li_dit.train` runs (li_dit.step_lib.plan_step), with the config's mesh, sharding rules, remat and
-dtypes; with online text encoding the frozen LLMs' forward is part of it. LLM weights are not
-read: their architecture and tokenizer come from their files when the path exists here, else
-the architecture from `li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B) and the
-chat template's prefix and suffix lengths, which a tokenizer would decide, from --prefix_tokens
-and --suffix_tokens. With config.vae.path, the VAE's encoder is part of the step too (its
-config.json is read, or a published VAE's architecture, li_dit.io.architectures; never its
-weights). --json includes the run card (li_dit.run_card).
+Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the CPU, on the devices
+of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one `li_dit.train`
+runs (li_dit.training.step.plan_step), with the config's mesh, sharding rules, remat and dtypes;
+with online text encoding the frozen LLMs' forward is part of it. LLM weights are not read: their
+architecture and tokenizer come from their files when the path exists here, else the architecture
+from `li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B) and the chat template's prefix
+and suffix lengths, which a tokenizer would decide, from --prefix_tokens and --suffix_tokens. With
+config.vae.path, the VAE's encoder is part of the step too (its config.json is read, or a published
+VAE's architecture, li_dit.io.architectures; never its weights). --json includes the run card
+(li_dit.training.run_card).
 
-Prints per-chip memory (arguments, outputs, temporaries, peak) against the chip's HBM, model
-TFLOPs per step (li_dit.flops) and the step time at 100% and 50% MFU; --json writes the same.
+Prints per-chip memory (arguments, outputs, temporaries, peak) against the chip's HBM, model TFLOPs
+per step (li_dit.training.flops) and the step time at 100% and 50% MFU; --json writes the same.
 Exits 1 when the step does not fit (the compiler's out-of-memory report is printed as such).
 """
 from __future__ import annotations
@@ -44,8 +44,6 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import run_card  # noqa: E402
-from li_dit import step as step_lib  # noqa: E402
 from li_dit.diffusion import flow  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.generation import generator as generator_lib  # noqa: E402
@@ -53,6 +51,8 @@ from li_dit.models import lidit  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
 from li_dit.text import conditioning  # noqa: E402
+from li_dit.training import run_card  # noqa: E402
+from li_dit.training import step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16 or v5p:8x8x16.")

@@ -18,8 +18,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import run_card  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
+from li_dit.training import run_card  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _DEPTH = flags.DEFINE_integer("depth", 2, "Group parameters by this many levels of module names.")

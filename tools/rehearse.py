@@ -13,7 +13,7 @@ a data x fsdp x tensor mesh over 8 host devices (set up here: no XLA_FLAGS neede
 dataset of images of the config's squarest and widest buckets' shapes (each bucket is one more
 compile of the train step), built with tools/build_dataset.py's code. Stages:
 
-  run_card  the real config's run card (li_dit.run_card), printed and checked
+  run_card  the real config's run card (li_dit.training.run_card), printed and checked
   fixtures  the tiny LLMs, VAE and dataset
   train     li_dit.train on mesh data=2,fsdp=2,tensor=2 with sample grids, stopped by SIGTERM
             (it must save and exit 143)
@@ -50,13 +50,13 @@ from ml_collections import config_flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import run_card  # noqa: E402
 from li_dit.data import build  # noqa: E402
 from li_dit.data.synthetic import shapes  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.io import architectures  # noqa: E402
 from li_dit.io import packaged  # noqa: E402
 from li_dit.io import tiny  # noqa: E402
+from li_dit.training import run_card  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

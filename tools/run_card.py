@@ -3,7 +3,7 @@ r"""What a config's run will do, with no weights loaded and nothing compiled.
   python tools/run_card.py --config configs/li_dit_1b.py [--config.a.b=v ...] [--devices N] \
       [--slices S] [--json card.json] [--prefix_tokens 64 --suffix_tokens 8]
 
-Prints and writes (--json) the run card (li_dit.run_card): image_size_px, latent_size,
+Prints and writes (--json) the run card (li_dit.training.run_card): image_size_px, latent_size,
 image_tokens (and per bucket), text_tokens per LLM (instruction prefix and prompt part),
 time_shift, median_t, global_batch, per_device_batch on --devices devices (default: this
 machine's), trainable parameters and model TFLOPs per step. The frozen models come from their
@@ -24,8 +24,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import run_card  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
+from li_dit.training import run_card  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", None, "Devices the run has (default: this machine's).",

@@ -11,7 +11,8 @@
   median_t           the median training t after the shift (logit-normal: sigmoid(t_mean),
                      shifted; 0.5 unshifted)
   global_batch, per_device_batch, devices, mesh
-  trainable_parameters, model_tflops_per_step (li_dit.flops: the step over the global batch)
+  trainable_parameters, model_tflops_per_step (li_dit.training.flops: the step over the global
+                     batch)
 
 Nothing is loaded or compiled: `li_dit.train` writes the card to <workdir>/run_card.json and
 prints it on start, `tools/run_card.py` prints it for any config, `tools/aot_compile.py --json`
@@ -28,7 +29,6 @@ import ml_collections
 import numpy as np
 
 from li_dit import config_lib
-from li_dit import flops as flops_lib
 from li_dit.data import order
 from li_dit.diffusion import flow
 from li_dit.diffusion import image_space
@@ -36,6 +36,7 @@ from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
+from li_dit.training import flops as flops_lib
 
 Encoders = Mapping[str, encoders_lib.PromptEncoder]
 
@@ -83,8 +84,8 @@ def _text_shapes(encoders: Encoders) -> list[flops_lib.TextShape]:
 
 def forward_flops(config: ml_collections.ConfigDict, encoders: Encoders,
                   space: image_space.ImageSpace) -> dict[str, int]:
-  """Forward model FLOPs of one example at the square image size (li_dit.flops): "refiners",
-  "dit", and "llms" (one prompt row through every LLM, after its cached prefix)."""
+  """Forward model FLOPs of one example at the square image size (li_dit.training.flops):
+  "refiners", "dit", and "llms" (one prompt row through every LLM, after its cached prefix)."""
   texts = _text_shapes(encoders)
   out = flops_lib.model_forward_flops(lidit.ModelConfig(**config.model.to_dict()),
                                       config.input.image_size // space.factor, texts)
@@ -94,7 +95,7 @@ def forward_flops(config: ml_collections.ConfigDict, encoders: Encoders,
 
 def step_flops(config: ml_collections.ConfigDict, encoders: Encoders,
                space: image_space.ImageSpace) -> dict[str, int]:
-  """Model FLOPs of one train step of `config` over its global batch (li_dit.flops), at the
+  """Model FLOPs of one train step of `config` over its global batch (li_dit.training.flops), at the
   DiT's input size; the VAE's encoder is not counted."""
   return flops_lib.train_step_flops(
       lidit.ModelConfig(**config.model.to_dict()), config.input.image_size // space.factor,

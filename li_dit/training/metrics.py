@@ -97,8 +97,8 @@ class Progress:
   """Steps/s, examples/s, ETA, TFLOP/s per device and MFU between logging points.
 
   Args:
-    step_flops: model FLOPs of one train step (li_dit.flops.train_step_flops "total").
-    peak_flops: peak FLOP/s of all the devices the step runs on (li_dit.flops.peak_flops).
+    step_flops: model FLOPs of one train step (li_dit.training.flops.train_step_flops "total").
+    peak_flops: peak FLOP/s of all the devices the step runs on (li_dit.training.flops.peak_flops).
     num_devices: devices the step runs on.
   """
 

@@ -16,13 +16,13 @@ import ml_collections
 import numpy as np
 
 from li_dit import config_lib
-from li_dit import optim
 from li_dit.data import records
 from li_dit.diffusion import flow
 from li_dit.diffusion import image_space
 from li_dit.models import lidit
 from li_dit.parallel import sharding
 from li_dit.text import conditioning
+from li_dit.training import optim
 
 
 @flax.struct.dataclass

@@ -48,8 +48,8 @@ def test_processes_join_only_where_jax_detects_a_cluster(cluster):
   env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARIABLES)}
   if cluster:
     env.update(SLURM, JAX_COORDINATOR_PORT=str(_free_port()))
-  probe = ("from li_dit import train; train.initialize_distributed(); import jax; "
-           "print(jax.distributed.is_initialized(), jax.process_count())")
+  probe = ("from li_dit.parallel import distributed; distributed.initialize_distributed(); "
+           "import jax; print(jax.distributed.is_initialized(), jax.process_count())")
   result = subprocess.run([sys.executable, "-c", probe], cwd=smoke_runs.REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -58,9 +58,10 @@ def test_processes_join_only_where_jax_detects_a_cluster(cluster):
 
 PREEMPTIBLE = textwrap.dedent("""
     import sys, time
-    from li_dit import train
-    train.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
-    preemption = train.Preemption()
+    from li_dit.parallel import distributed
+    from li_dit.training import loop
+    distributed.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+    preemption = loop.Preemption()
     print("ready", flush=True)
     for step in range(1, 1000):
       time.sleep(0.05)  # A train step.

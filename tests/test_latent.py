@@ -20,9 +20,9 @@ from PIL import Image
 import smoke_runs
 import vae_fixtures
 from li_dit import config_lib
-from li_dit import train
 from li_dit.diffusion import image_space
 from li_dit.text import encoders
+from li_dit.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4  # The run is for the latent path, not for learning.
@@ -112,7 +112,7 @@ def test_config_errors_come_before_loading_anything(vae_folder, tmp_path, monkey
     raise AssertionError("an LLM was loaded before the VAE config was checked")
   monkeypatch.setattr(encoders, "build_encoders", no_llms)
   with pytest.raises(config_lib.ConfigError) as error:
-    train.train(config, str(tmp_path / "run"))
+    loop.train(config, str(tmp_path / "run"))
   assert str(error.value).startswith(message), error.value
 
 

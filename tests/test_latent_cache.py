@@ -18,7 +18,6 @@ import image_fixtures as fx
 import smoke_runs
 import vae_fixtures
 from li_dit import config_lib
-from li_dit import train
 from li_dit.data import build
 from li_dit.data import latent_datasets
 from li_dit.data import pipeline
@@ -26,6 +25,7 @@ from li_dit.data.synthetic import shapes
 from li_dit.diffusion import image_space
 from li_dit.text import encoders
 from li_dit.text import transforms
+from li_dit.training import loop
 from test_latent import _latent_smoke  # pylint: disable=g-bad-import-order
 
 NUM = 40  # Shapes records in the image dataset: 5 batches of 8.
@@ -162,7 +162,7 @@ def test_a_config_that_does_not_fit_the_dataset_fails_before_loading(
   monkeypatch.setattr(encoders, "build_encoders", no_loading)
   monkeypatch.setattr(image_space, "from_config", no_loading)
   with pytest.raises(config_lib.ConfigError) as error:
-    train.train(config, str(tmp_path / "run"))
+    loop.train(config, str(tmp_path / "run"))
   assert str(error.value).startswith(message), error.value
 
 

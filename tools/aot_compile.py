@@ -11,7 +11,7 @@ and the VAE placed by the training rules, one batch of prompts encoded, the run'
 
 Needs libtpu (`pip install -e .[tpu]`), not a TPU: the TPU compiler runs on the CPU, on the devices
 of `--topology` (e.g. v4:4x4x4, v5e:16x16, v5p:8x8x16, v6e:8x8). The step is the one `li_dit.train`
-runs (li_dit.training.step.plan_step), with the config's mesh, sharding rules, remat and dtypes;
+runs (li_dit.training.plan.plan_step), with the config's mesh, sharding rules, remat and dtypes;
 with online text encoding the frozen LLMs' forward is part of it. LLM weights are not read: their
 architecture and tokenizer come from their files when the path exists here, else the architecture
 from `li_dit.io.architectures` (the paper's LLaMA3-8B and Qwen1.5-7B) and the chat template's prefix
@@ -51,8 +51,8 @@ from li_dit.models import lidit  # noqa: E402
 from li_dit.parallel import sharding  # noqa: E402
 from li_dit.parallel import tpu  # noqa: E402
 from li_dit.text import conditioning  # noqa: E402
+from li_dit.training import plan as plan_lib  # noqa: E402
 from li_dit.training import run_card  # noqa: E402
-from li_dit.training import step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16 or v5p:8x8x16.")
@@ -95,7 +95,7 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
   except jax.errors.JaxRuntimeError as e:
     raise ValueError(f"--topology={topology}: {e}") from e
   chip = tpu.chip(devices[0].device_kind)
-  mesh = step_lib.make_mesh(config, devices)
+  mesh = plan_lib.make_mesh(config, devices)
   encoders = run_card.planned_encoders(config, prefix_tokens, suffix_tokens)
   conditioner = conditioning.TextConditioner(encoders, config.text.encode)
   space = image_space.from_config(config, load=False)
@@ -154,11 +154,11 @@ def plan(config, topology: str, prefix_tokens: int, suffix_tokens: int,
 
 def _train_program(config, mesh, conditioner, space):
   """(rules, the train step's `lower`, its abstract arguments, model FLOPs by part)."""
-  step = step_lib.plan_step(config, mesh, conditioner, space)
+  step = plan_lib.plan_step(config, mesh, conditioner, space)
   state = _with_shardings(jax.eval_shape(step.init_state, jax.random.key(0)),
                           step.state_shardings)
-  frozen = _with_shardings(step_lib.frozen_arrays(conditioner, space), step.frozen_shardings)
-  local = step_lib.example_batch(config, conditioner, space)
+  frozen = _with_shardings(plan_lib.frozen_arrays(conditioner, space), step.frozen_shardings)
+  local = plan_lib.example_batch(config, conditioner, space)
   batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                          sharding=sharding.batch_sharding(mesh, v.ndim, step.rules))
                  for k, v in local.items()}
@@ -171,7 +171,7 @@ def _sample_program(config, mesh, conditioner, space, batch: int | None):
   arguments, model FLOPs by part, the prompt batch): EMA parameters, LLMs and VAE on the mesh as
   li_dit.sample places them, one batch of prompts (default: one per data-parallel device) at the
   square image size, the run's sampler, steps and classifier-free guidance."""
-  rules = step_lib.check_batch_divides(config, mesh)
+  rules = plan_lib.check_batch_divides(config, mesh)
   model = lidit.build_model(config, len(conditioner.names))
   generator = generator_lib.Generator(model, conditioner, space, config, mesh, rules)
   batch = batch or generator.batch_multiple
@@ -189,7 +189,7 @@ def _sample_program(config, mesh, conditioner, space, batch: int | None):
   split = lambda shape, dtype: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), rules))
   tokens = {k: split((batch,) + v.shape[1:], v.dtype)
-            for k, v in step_lib.example_text_batch(conditioner, 1).items()}
+            for k, v in plan_lib.example_text_batch(conditioner, 1).items()}
   noise = split((batch,) + space.latent_shape(size, size), jnp.float32)
   cfg = jax.ShapeDtypeStruct((), jnp.float32)
   lower = functools.partial(generator.program.lower, steps=config.sample.steps,

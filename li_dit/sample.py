@@ -59,7 +59,7 @@ def main(argv):
   try:
     mesh = load.parse_mesh(_MESH.value) if _MESH.value else None
     config, generator, params, step = load.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
-                                                        mesh)
+                                                    mesh)
     size = parse_size(_SIZE.value, generator)
   except (config_lib.ConfigError, checkpoints.CheckpointError, ValueError) as e:
     sys.exit(f"li_dit.sample: {e}")
@@ -69,7 +69,7 @@ def main(argv):
                      cfg_scale=config.sample.cfg if _CFG.value is None else _CFG.value,
                      sampler=_SAMPLER.value or config.sample.sampler, size=size)
   generator_lib.save_grid(images, _OUT.value, columns=_NUM.value if _NUM.value > 1 else None,
-                     scale=_SCALE.value)
+                          scale=_SCALE.value)
   print(f"wrote {len(images)} image(s) of {images.shape[1]}x{images.shape[2]} from step {step} "
         f"of {_WORKDIR.value} to {_OUT.value} (mesh {dict(generator.mesh.shape)})")
 

@@ -68,7 +68,7 @@ def _sharded_check() -> None:
   for i, (prefix_len, length, width) in enumerate(((5, 12, 24), (3, 9, 16))):
     mask = jnp.arange(length)[None] < jnp.asarray([length, 4, 7, 1])[:, None]
     text.append(lidit.TextFeatures(jax.random.normal(keys[2 + i], (prefix_len, width)),
-                                    jax.random.normal(keys[4 + i], (batch, length, width)), mask))
+                                   jax.random.normal(keys[4 + i], (batch, length, width)), mask))
   results = {}
   for implementation in attention.IMPLEMENTATIONS:
     model = lidit.LIDiT(lidit.ModelConfig(

@@ -10,7 +10,7 @@ from li_dit.training import flops
 
 # Unrolled blocks: XLA's cost analysis counts a scanned (while-loop) body once, not per layer.
 MODEL = lidit.ModelConfig(patch_size=2, channels=3, width=256, depth=2, num_heads=4,
-                           pos_kernel_size=1, scan_layers=False)
+                          pos_kernel_size=1, scan_layers=False)
 LLM = llm.LLMConfig(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4,
                     num_heads=6, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6)
 PREFIX, ROW, BATCH, IMAGE = 12, 20, 2, 32
@@ -24,8 +24,8 @@ def _xla_flops(fn, *args) -> float:
 def _model_inputs(num_llms):
   model = lidit.LIDiT(MODEL, num_llms=num_llms)
   text = [lidit.TextFeatures(jnp.zeros((PREFIX, LLM.hidden_size)),
-                              jnp.zeros((BATCH, ROW, LLM.hidden_size)),
-                              jnp.ones((BATCH, ROW), bool)) for _ in range(num_llms)]
+                             jnp.zeros((BATCH, ROW, LLM.hidden_size)),
+                             jnp.ones((BATCH, ROW), bool)) for _ in range(num_llms)]
   x, t = jnp.zeros((BATCH, IMAGE, IMAGE, 3)), jnp.zeros((BATCH,))
   params = model.init(jax.random.key(0), x, t, text)["params"]
   return model, params, x, t, text

@@ -90,12 +90,12 @@ def test_heun_is_second_order():
 
 def test_tiny_overfit_drives_the_flow_loss_down():
   cfg = lidit.ModelConfig(patch_size=2, channels=3, width=32, depth=2, num_heads=2,
-                           scan_layers=False)
+                          scan_layers=False)
   model = lidit.LIDiT(cfg, num_llms=1)
   k = jax.random.split(jax.random.key(0), 4)
   x0 = jnp.tanh(jax.random.normal(k[0], (4, 8, 8, 3)))
   text = [lidit.TextFeatures(jax.random.normal(k[1], (3, 16)),
-                              jax.random.normal(k[2], (4, 5, 16)), jnp.ones((4, 5), bool))]
+                             jax.random.normal(k[2], (4, 5, 16)), jnp.ones((4, 5), bool))]
   params = model.init(k[3], x0, jnp.zeros(4), text)["params"]
   params = jax.tree_util.tree_map(lambda p: p.value if hasattr(p, "value") else p, params,
                                   is_leaf=lambda p: hasattr(p, "value"))

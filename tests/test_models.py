@@ -27,7 +27,7 @@ def _text(rng, batch, prefix_len, length, width, valid):
   k1, k2 = jax.random.split(rng)
   mask = jnp.arange(length)[None, :] < jnp.asarray(valid)[:, None]
   return lidit.TextFeatures(jax.random.normal(k1, (prefix_len, width)),
-                             jax.random.normal(k2, (batch, length, width)), mask)
+                            jax.random.normal(k2, (batch, length, width)), mask)
 
 
 def test_patchify_round_trip():
@@ -160,7 +160,7 @@ def test_dit_shapes_zero_init_and_any_resolution(scan_layers):
 @pytest.mark.parametrize("num_llms", [1, 2])
 def test_li_dit_composition(num_llms):
   cfg = lidit.ModelConfig(patch_size=2, channels=3, width=WIDTH, depth=2, num_heads=HEADS,
-                           scan_layers=False)
+                          scan_layers=False)
   model = lidit.LIDiT(cfg, num_llms=num_llms)
   keys = jax.random.split(jax.random.key(0), 3)
   text = [_text(keys[0], B, 5, 7, 24, [7, 3]), _text(keys[1], B, 3, 6, 40, [2, 6])][:num_llms]

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from li_dit.data.synthetic import shapes
-from li_dit.data import shapes_score
+from li_dit.evaluation import shapes_score
 
 
 @pytest.fixture(scope="module")

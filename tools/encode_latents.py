@@ -54,8 +54,8 @@ def main(argv):
   try:
     config_lib.validate(config)
     summary = latent_datasets.encode_dataset(config, _OUT.value, _NAME.value, _VERSION.value,
-                                          _NUM.value, _BATCH.value, _DTYPE.value,
-                                          _PER_SHARD.value)
+                                             _NUM.value, _BATCH.value, _DTYPE.value,
+                                             _PER_SHARD.value)
   except ValueError as e:  # ConfigError and bad input: the message names them.
     sys.exit(f"encode_latents: {e}")
   print(json.dumps(summary, indent=2))

@@ -67,7 +67,7 @@ def dataset_metadata(input_config: ml_collections.ConfigDict) -> dict[str, Any] 
   if input_config.source != "tfds":
     return None
   return sources.TfdsSource(input_config.tfds_name, input_config.data_dir,
-                             input_config.split).read_json(METADATA)
+                            input_config.split).read_json(METADATA)
 
 
 def check_dataset(config: ml_collections.ConfigDict, metadata: dict[str, Any]) -> None:

@@ -118,7 +118,7 @@ def make_train_dataset(input_config: ml_collections.ConfigDict,
   bucket_of_record = (None if len(shapes_hw) == 1
                       else images.nearest_buckets(source.sizes(), shapes_hw))
   batches = order.BucketBatches(len(source), input_config.batch_size, input_config.seed,
-                          bucket_of_record, len(shapes_hw))
+                                bucket_of_record, len(shapes_hw))
   load = LoadBatch(source, batches, shapes_hw, text_transform, input_config.caption_dropout,
                    slice(process_index * local, (process_index + 1) * local), start_batch,
                    input_config.min_size)

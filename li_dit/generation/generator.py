@@ -121,7 +121,7 @@ def _generate(model: lidit.LIDiT, space: image_space.ImageSpace,
   text = conditioner.encode_tokens(llm_state, tokens)
   null = conditioner.encode_tokens(llm_state, null_tokens)
   both = [lidit.TextFeatures(t.prefix, jnp.concatenate([t.tokens, n.tokens]),
-                              jnp.concatenate([t.mask, n.mask])) for t, n in zip(text, null)]
+                             jnp.concatenate([t.mask, n.mask])) for t, n in zip(text, null)]
 
   def denoise(x, t):
     x = layers.constrain(x, ("batch", None, None, None))

@@ -1,7 +1,8 @@
 """Synthetic "shapes" text-to-image data: the CPU demo of LI-DiT.
 
 Every caption comes from a small finite grammar, so a tiny model can learn it at 32x32 pixels in
-minutes and `li_dit.data.shapes_score` can check generated images against what the prompt asked:
+minutes and `li_dit.evaluation.shapes_score` can check generated images against what the prompt
+asked:
 
   count captions:    "a red circle", "an orange square", "two blue squares", "three green triangles"
   relation captions: "a red circle to the left of a blue square"  (also "to the right of",

@@ -5,7 +5,8 @@ user chose platforms: libtpu, when installed (the `test` and `tpu` extras), woul
 to initialise a TPU on every start, print its errors, and hold /tmp/libtpu_lockfile against
 every other JAX process of the machine. The decision comes from the machine (PCI devices and
 device files), so a TPU VM still finds its chips; tools/aot_compile.py, which needs libtpu on a
-CPU, asks for every platform itself. Nothing here imports JAX (li_dit.torch_model runs without).
+CPU, asks for every platform itself. Nothing here imports JAX (li_dit.export.torch.model runs
+without).
 """
 import glob
 import os

@@ -1,6 +1,6 @@
-"""The PyTorch export: tools/export_torch.py on smoke-trained runs, li_dit/torch_model.py against
-the JAX model (float32, the same inputs), li_dit/torch_pipeline.py against li_dit.sample (the same
-prompts and initial noise), the standalone module in a fresh virtual environment without jax,
+"""The PyTorch export: tools/export_torch.py on smoke-trained runs, li_dit/export/torch/model.py
+against the JAX model (float32, the same inputs), li_dit.torch_pipeline against li_dit.sample (the
+same prompts and initial noise), the standalone module in a fresh virtual environment without jax,
 and the errors of a wrong step, format, or file.
 
 One trained run per config, shared by the module's tests: the default suite trains the one-LLM
@@ -22,9 +22,9 @@ import safetensors.torch
 import torch
 
 import vae_fixtures
-from li_dit import torch_model
+from li_dit.export.torch import exporter
+from li_dit.export.torch import model as torch_model
 from li_dit.generation import load
-from li_dit.io import torch_export
 from li_dit.models import lidit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def two_llm_export(tmp_path_factory) -> tuple[str, str]:
   """(workdir, export folder) of the two-LLM smoke config."""
   workdir = _train(str(tmp_path_factory.mktemp("two_llm_run")), "two_llms_smoke")
   out = str(tmp_path_factory.mktemp("two_llm_export"))
-  torch_export.export(workdir, out)
+  exporter.export(workdir, out)
   return workdir, out
 
 
@@ -85,7 +85,7 @@ def latent_export(tmp_path_factory) -> tuple[str, str]:
   workdir = _train(str(tmp_path_factory.mktemp("latent_run")), "latent_smoke",
                    f"--config.vae.path={vae}")
   out = str(tmp_path_factory.mktemp("latent_export"))
-  torch_export.export(workdir, out)
+  exporter.export(workdir, out)
   return workdir, out
 
 
@@ -119,7 +119,7 @@ def _torch_velocity(model: torch_model.LIDiT, x, t, feats) -> np.ndarray:
 
 def _parity(workdir: str, out: str) -> float:
   """max |torch - JAX| of the exported denoiser and of the checkpoint it came from."""
-  config, params, _ = torch_export.restore_params(workdir, None, ema=False)
+  config, params, _ = exporter.restore_params(workdir, None, ema=False)
   model = torch_model.LIDiT.from_pretrained(out)
   arch = model.arch
   # Any size the patch divides: the model has no fixed resolution. A 4x4 token grid.
@@ -186,7 +186,7 @@ def test_random_weights_match_jax(scan_layers, llm_widths, pos_kernel_size):
       tree, [(0.1 * rng.standard_normal(leaf.shape)).astype(np.float32) for leaf in leaves])
   torch_lidit = torch_model.LIDiT(arch)
   torch_lidit.load_state_dict({k: torch.from_numpy(v)
-                               for k, v in torch_export.torch_state_dict(params).items()})
+                               for k, v in exporter.torch_state_dict(params).items()})
   want = _jax_velocity(model, params, x, t, feats)
   diff = float(np.abs(_torch_velocity(torch_lidit, x, t, feats) - want).max())
   print(f"random weights, {len(llm_widths)} LLMs: max |torch - JAX| = {diff:.3g} "
@@ -212,7 +212,8 @@ def test_sampler_matches_jax(sampler):
 
 
 def test_torch_side_does_not_import_jax():
-  code = ("import sys; import li_dit.torch_model, li_dit.torch_pipeline; "
+  code = ("import sys; import li_dit.export.torch.model, li_dit.export.torch.pipeline, "
+          "li_dit.torch_pipeline; "
           "print(sorted(m for m in ('jax', 'flax', 'jaxlib') if m in sys.modules))")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
@@ -221,10 +222,10 @@ def test_torch_side_does_not_import_jax():
 
 
 def test_ema_and_step_choose_what_is_exported(smoke_run, tmp_path):
-  config = torch_export.export(smoke_run, str(tmp_path), step=STEPS // 2, ema=True)
+  config = exporter.export(smoke_run, str(tmp_path), step=STEPS // 2, ema=True)
   assert config["source"] == dict(workdir=smoke_run, step=STEPS // 2, params="ema_params")
-  _, ema, _ = torch_export.restore_params(smoke_run, STEPS // 2, ema=True)
-  want = torch_export.torch_state_dict(ema)
+  _, ema, _ = exporter.restore_params(smoke_run, STEPS // 2, ema=True)
+  want = exporter.torch_state_dict(ema)
   got = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
   assert got.keys() == want.keys()
   for name, value in want.items():
@@ -232,7 +233,7 @@ def test_ema_and_step_choose_what_is_exported(smoke_run, tmp_path):
 
 
 def test_bfloat16_export_loads_and_runs(smoke_run, smoke_export, tmp_path):
-  torch_export.export(smoke_run, str(tmp_path), dtype="bfloat16")
+  exporter.export(smoke_run, str(tmp_path), dtype="bfloat16")
   model = torch_model.LIDiT.from_pretrained(str(tmp_path))
   assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
   x, t, feats = _inputs(model.arch.llm_widths, 16, 3)
@@ -251,7 +252,7 @@ def test_missing_step_names_the_available_ones(smoke_run, tmp_path):
   assert f"available steps: [{STEPS // 2}, {STEPS}]" in result.stderr
   assert not os.path.exists(tmp_path / "out")
   with pytest.raises(Exception, match="no checkpoints in /nonexistent/run"):
-    torch_export.export("/nonexistent/run", str(tmp_path / "out"))
+    exporter.export("/nonexistent/run", str(tmp_path / "out"))
 
 
 def _copy(export: str, tmp_path) -> str:
@@ -341,8 +342,9 @@ def test_latent_pipeline_matches_li_dit_sample(latent_export, tmp_path):
 # -- the standalone module without jax -------------------------------------------------------------
 @pytest.mark.slow
 def test_fresh_venv_runs_the_standalone_module(smoke_run, smoke_export, tmp_path):
-  """A virtual environment with nothing but torch and safetensors, the one file torch_model.py
-  on its path: it loads the export and gives the JAX model's output, without jax."""
+  """A virtual environment with nothing but torch and safetensors, the one file
+  li_dit/export/torch/model.py on its path (as torch_model.py): it loads the export and gives the
+  JAX model's output, without jax."""
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
   python = str(venv / "bin" / "python")
@@ -351,9 +353,10 @@ def test_fresh_venv_runs_the_standalone_module(smoke_run, smoke_export, tmp_path
   assert result.returncode == 0, result.stderr[-3000:]
   standalone = tmp_path / "standalone"
   standalone.mkdir()
-  shutil.copy(os.path.join(REPO, "li_dit", "torch_model.py"), standalone)
+  shutil.copy(os.path.join(REPO, "li_dit", "export", "torch", "model.py"),
+              standalone / "torch_model.py")
 
-  config, params, _ = torch_export.restore_params(smoke_run, None, ema=False)
+  config, params, _ = exporter.restore_params(smoke_run, None, ema=False)
   x, t, feats = _inputs((576,), 16, 3)
   want = _jax_velocity(lidit.build_model(config, 1), params, x, t, feats)
   (prefix, tokens, mask), = feats

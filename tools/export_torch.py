@@ -6,19 +6,20 @@ Reads checkpoint N (default: the latest) of the run in W, its raw parameters or 
 EMA parameters, and writes
 
   OUT/model.safetensors   the token refiners, the collaborative refiner and the DiT under the
-                          names of `li_dit.torch_model.LIDiT`'s state_dict, in PyTorch layouts
-                          (Linear weights [out, in], Conv2d weights [out, in, kh, kw]), --dtype;
+                          names of `li_dit.export.torch.model.LIDiT`'s state_dict, in PyTorch
+                          layouts (Linear weights [out, in], Conv2d weights [out, in, kh, kw]),
+                          --dtype;
   OUT/config.json         format_version, the architecture, the LLMs (path or registry name,
                           feature layer, template, token limit, dtype, width) in branch order,
                           the VAE (diffusers folder and dtype; null in pixel space), the image
                           size, the objective, the default sampler settings and where it came from;
   OUT/README.md           a model card: what the model is and how to run it.
 
-Load it with `li_dit.torch_model.LIDiT.from_pretrained(OUT)` (torch + safetensors only), or
+Load it with `li_dit.export.torch.model.LIDiT.from_pretrained(OUT)` (torch + safetensors only), or
 generate images with `python -m li_dit.torch_pipeline --model OUT --prompt ... --out image.png`.
 The frozen LLMs and the VAE are not copied: config.json refers to them, as the run did.
 Nothing but the checkpoint is read (no LLM or VAE weights), and the export is loaded back with
-torch_model before the command reports success.
+li_dit.export.torch.model before the command reports success.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from li_dit import config_lib  # noqa: E402
-from li_dit import torch_model  # noqa: E402
+from li_dit.export.torch import exporter  # noqa: E402
+from li_dit.export.torch import model as torch_model  # noqa: E402
 from li_dit.io import checkpoints  # noqa: E402
-from li_dit.io import torch_export  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -46,7 +47,7 @@ def main(argv):
   del argv
   config_lib.quiet_library_logs()
   try:
-    cfg = torch_export.export(_WORKDIR.value, _OUT.value, _STEP.value, _EMA.value, _DTYPE.value)
+    cfg = exporter.export(_WORKDIR.value, _OUT.value, _STEP.value, _EMA.value, _DTYPE.value)
   except (checkpoints.CheckpointError, torch_model.ExportError, ValueError) as e:
     sys.exit(f"export_torch: {e}")
   print(f"export_torch: step {cfg['source']['step']} of {_WORKDIR.value} "

@@ -1,5 +1,5 @@
-"""A trained run -> PyTorch: the state dict of `li_dit.torch_model.LIDiT` (names and layouts),
-config.json and a model card. `tools/export_torch.py` is the command line.
+"""A trained run -> PyTorch: the state dict of `li_dit.export.torch.model.LIDiT` (names and
+layouts), config.json and a model card. `tools/export_torch.py` is the command line.
 
 Linear weights go [in, out] -> [out, in], conv kernels HWIO -> OIHW; scanned DiT blocks become
 `dit.blocks.<i>`. Nothing but the checkpoint is read (no LLM or VAE weights).
@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 from flax import traverse_util
 
-from li_dit import torch_model
+from li_dit.export.torch import model as torch_model
 from li_dit.io import checkpoints
 from li_dit.io import packaged
 
@@ -54,7 +54,7 @@ def restore_params(workdir: str, step: int | None, ema: bool
 
 
 def torch_name(path: tuple[str, ...]) -> str:
-  """A Flax parameter path -> its name in li_dit.torch_model.LIDiT's state_dict.
+  """A Flax parameter path -> its name in li_dit.export.torch.model.LIDiT's state_dict.
 
   ("token_refiner_0", "block_1", "attn", "qkv", "kernel")
       -> "token_refiners.0.blocks.1.attn.qkv.weight";
@@ -170,7 +170,7 @@ NeurIPS 2024), trained with li-dit and exported by `tools/export_torch.py` from 
 - Objective: rectified flow, velocity prediction. Defaults: {s['sampler']} sampler, {s['steps']}
   steps, classifier-free guidance {s['cfg']}.
 - Weights: `model.safetensors` ({cfg['dtype']}), names and layouts of
-  `li_dit.torch_model.LIDiT` (PyTorch; images NCHW).
+  `li_dit.export.torch.model.LIDiT` (PyTorch; images NCHW).
 
 ## Usage
 
@@ -179,7 +179,7 @@ python -m li_dit.torch_pipeline --model THIS_FOLDER --prompt "a red circle" --ou
 ```
 
 ```python
-from li_dit import torch_model   # needs torch and safetensors only
+from li_dit.export.torch import model as torch_model  # needs torch and safetensors only
 model = torch_model.LIDiT.from_pretrained("THIS_FOLDER")
 velocity = model(x, t, [torch_model.TextFeatures(prefix, tokens, mask), ...])
 ```

@@ -9,9 +9,10 @@ cached  Features of every caption a finite source can produce are computed once 
 Either way the instruction prefix is encoded once per LLM and shared by every prompt, and the
 classifier-free-guidance null condition is the empty prompt "" through the same path.
 
-`TextConditioner` is the device side: the frozen arrays the jitted step reads and the pure
-functions it calls. The data workers' transforms are in li_dit.text.transforms, the stored
-tables in li_dit.text.feature_cache.
+`TextConditioner` is a run's frozen text side: on the host it tokenizes, encodes prompts and
+builds the cached table; on the device it gives the frozen arrays and the pure functions the
+jitted step and the generator call. The data workers' transforms are li_dit.text.transforms, the
+stored tables li_dit.text.feature_cache.
 """
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
 """The one train step: (state, frozen arrays, batch) -> (state, metrics).
 
 A rectified-flow step: x0 from the image space (pixels, or a frozen VAE's latents), the text
-features from the frozen text side, t from the shifted logit-normal, the velocity loss and its
-gradient, AdamW and the EMA. The frozen side is one pytree passed into the step, {"text":
-TextConditioner.frozen(), "vae": ImageSpace.frozen()} (li_dit.training.plan.frozen_arrays): LLMs,
-prefixes or tables, and the VAE. li_dit.training.plan builds the model and jits the step on a
-mesh.
+features from the frozen text side (LLMs, prefixes or tables, and the VAE come in as one pytree,
+li_dit.training.plan.frozen_arrays), t from the shifted logit-normal, the velocity loss and its
+gradient, AdamW and the EMA. li_dit.training.plan builds the model and jits the step on a mesh.
 """
 from __future__ import annotations
 

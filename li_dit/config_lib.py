@@ -34,7 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.total_steps = 100_000
   config.log_every = 50
   config.checkpoint_every = 1000
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # The newest N checkpoints ...
+  # ... plus every checkpoint whose step is a multiple of keep_every, kept for good (0: none), so
+  # a long run keeps milestones that a later divergence cannot rotate away.
+  config.keep_every = 0
   config.sample_every = 5000  # 0: no sample grids during training.
   # Staged training: a workdir (its latest checkpoint) or <workdir>/checkpoints/<step> whose
   # parameters and EMA start this run; optimizer and data start fresh. Ignored once this run's
@@ -90,7 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.flow = dict(t_mean=0.0, t_std=1.0, base_size=256, base_shift=1.0)
 
   config.optim = dict(lr=1e-4, warmup_steps=1000, final_lr_ratio=0.1, b1=0.9, b2=0.999,
-                      eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999)
+                      eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
+                      # A step with a non-finite loss, gradient or parameter changes nothing
+                      # (it is counted); this many in a row stop the run, unsaved, as diverged.
+                      max_nonfinite_steps=20)
 
   # Sample grids written during training (and the defaults of li_dit.sample).
   config.sample = dict(prompts=(), steps=30, cfg=4.5, sampler="heun", seed=0)
@@ -209,6 +215,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 <= o.warmup_steps <= config.total_steps, "optim.warmup_steps",
            f"must be in [0, total_steps={config.total_steps}], got {o.warmup_steps}")
   _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+  _require(o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
+           f"must be >= 1, got {o.max_nonfinite_steps}")
+  _require(config.keep_checkpoints >= 1, "keep_checkpoints",
+           f"must be >= 1, got {config.keep_checkpoints}")
+  _require(config.keep_every >= 0, "keep_every", f"must be >= 0, got {config.keep_every}")
   _require(config.sample.sampler in samplers.SAMPLERS, "sample.sampler",
            f"{config.sample.sampler!r} is not one of {samplers.SAMPLERS}")
   _require(config.sample.steps >= 1, "sample.steps", "must be >= 1")

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from li_dit import config_lib
 from li_dit.parallel import distributed
 from li_dit.training import loop
+from li_dit.training import nonfinite
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created, or resumed).")
@@ -43,7 +44,7 @@ def main(argv):
                                      _PROCESS_ID.value)
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, nonfinite.Diverged) as e:
     sys.exit(f"li_dit.train: {e}")
 
 

@@ -38,8 +38,11 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """One run's CheckpointManager (every process must create it and join saves/restores)."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True):
-    """`create`: make <workdir>/checkpoints if missing (False: a run only read from)."""
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True,
+               keep_every: int = 0):
+    """Keeps the newest `keep` checkpoints and, for good, every one whose step is a multiple
+    of `keep_every` (0: none). `create`: make <workdir>/checkpoints if missing (False: a run
+    only read from)."""
     if not create and not epath.Path(checkpoint_dir(workdir)).is_dir():
       raise CheckpointError(f"no checkpoints in {workdir} (no {checkpoint_dir(workdir)})")
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
@@ -48,7 +51,7 @@ class Checkpointer:
     handlers["counters"] = ocp.JsonCheckpointHandler()
     self.manager = ocp.CheckpointManager(
         checkpoint_dir(workdir),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                              enable_async_checkpointing=async_save,
                                              create=create),
         item_handlers=handlers)

@@ -32,6 +32,7 @@ from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
 from li_dit.training import flops as flops_lib
 from li_dit.training import metrics as metrics_lib
+from li_dit.training import nonfinite as nonfinite_lib
 from li_dit.training import plan as plan_lib
 from li_dit.training import run_card
 from li_dit.training import step as step_lib
@@ -101,7 +102,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   # Everything opened from here on (checkpoint manager, data iterator and its worker processes,
   # metric files) is closed on every way out: the end, SIGTERM's exit, an exception.
   with contextlib.ExitStack() as opened:
-    ckpt = opened.enter_context(checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints))
+    ckpt = opened.enter_context(checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                                         keep_every=config.keep_every))
     start = ckpt.latest_step() or 0
     # grain's iterator state restores only under the number of processes that saved it.
     # Otherwise the data restarts at the global batch step `start + 1` reads: the pipeline is a
@@ -128,6 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     # Records the pipeline skipped, per "skipped/<reason>", through the last logged step of the
     # run (restarts included: the totals travel in the checkpoint).
     skipped = collections.Counter()
+    nonfinite_total = 0
     if start:
       restored = ckpt.restore(start, {
           "params": checkpoints.abstract_like(state.params),
@@ -135,7 +138,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
           "opt_state": checkpoints.abstract_like(state.opt_state)},
           data_iterator=data_iter if restore_iterator else None)
       state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
-      skipped.update(ckpt.restore_counters(start))
+      counters = ckpt.restore_counters(start)
+      nonfinite_total = counters.pop(nonfinite_lib.COUNTER, 0)
+      skipped.update(counters)
       logging.info("resumed from step %d in %s", start, workdir)
       if not restore_iterator:
         logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run "
@@ -156,6 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
                                     card["model_tflops_per_step"] * 1e12, peak, mesh.size)
     preemption = Preemption()
+    nonfinite = nonfinite_lib.NonfiniteSteps(config.optim.max_nonfinite_steps, nonfinite_total)
 
     def write_samples(step: int):
       if not config.sample.prompts:
@@ -174,23 +180,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
           state, metrics = plan.train_step(state, frozen, batch)
       pending.append(metrics)
+      nonfinite.observe(step, metrics["nonfinite"])
       last = step == config.total_steps
-      if step % config.log_every == 0 or last:
+      stop = preemption.stop_after(step)
+      save = step % config.checkpoint_every == 0 or last or stop
+      log = step % config.log_every == 0 or last
+      if log or save:
+        nonfinite.flush()
+      if log:
         summary = metrics_lib.average(pending)
         summary.update(progress.update(step))
         skipped.update(_skipped_counts(summary))
         summary["skipped_total"] = sum(skipped.values())
+        summary[nonfinite_lib.COUNTER] = nonfinite.total
         pending = []
         writer.write(step, summary)
         if is_main:
           print(progress.line(step, summary), flush=True)
-      stop = preemption.stop_after(step)
-      if step % config.checkpoint_every == 0 or last or stop:
+      if nonfinite.diverged:
+        raise nonfinite_lib.Diverged(nonfinite.message(ckpt.latest_step(), ckpt.manager.directory))
+      if save:
+        # The step never keeps a non-finite update; this guards what it cannot see (e.g. a
+        # restored or initialized state), so no checkpoint ever holds a non-finite parameter.
+        if not nonfinite_lib.state_is_finite(state.params, state.ema_params):
+          raise nonfinite_lib.Diverged(
+              f"step {step}: the parameters are not finite; nothing saved, the last checkpoint "
+              f"is {ckpt.latest_step()} in {ckpt.manager.directory}")
         # Steps since the last log count too: the resumed run starts after this step.
         unlogged = _skipped_counts(metrics_lib.average(pending)) if pending else {}
+        counters = skipped + collections.Counter(unlogged)
         ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
                          "opt_state": state.opt_state}, data_iter, config,
-                  counters=dict(skipped + collections.Counter(unlogged)), force=True)
+                  counters={**counters, nonfinite_lib.COUNTER: nonfinite.total}, force=True)
       if config.sample_every and (step % config.sample_every == 0 or last):
         write_samples(step)
       if stop:

@@ -16,7 +16,7 @@ from etils import epath
 from li_dit.io import paths
 
 # Metrics that are counts within a step: summed over a logging interval, not averaged.
-SUMMED = ("truncated_captions",)
+SUMMED = ("truncated_captions", "nonfinite")
 SUMMED_PREFIXES = ("skipped/",)  # Records skipped by the pipeline, per reason.
 
 
@@ -130,6 +130,8 @@ class Progress:
     extra = f" | truncated {int(m['truncated_captions'])}" if m.get("truncated_captions") else ""
     if m.get("skipped_total"):
       extra += f" | skipped {int(m['skipped_total'])} bad records"
+    if m.get("nonfinite_steps"):
+      extra += f" | {int(m['nonfinite_steps'])} non-finite steps skipped"
     return (f"step {step}/{self.total_steps} | loss {m['loss']:.4f} | grad_norm "
             f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['steps_per_sec']:.2f} steps/s | "
             f"{m['examples_per_sec']:.1f} ex/s | MFU {100 * m['mfu']:.1f}% | ETA {eta // 3600}h{eta % 3600 // 60:02d}m"

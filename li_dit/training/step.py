@@ -52,18 +52,31 @@ def make_train_step(model, conditioner: conditioning.TextConditioner, space: ima
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(jnp.add, state.params, updates)
+    ema_params = optim.ema_update(state.ema_params, params, state.step, config.optim.ema_decay)
+    # A step whose loss, gradients or new parameters are not finite changes nothing but the step
+    # count (the data moves on), so one bad batch cannot poison the state or a checkpoint. The
+    # select fuses into the update: no second copy of the state.
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
+    keep = lambda new, old: jnp.where(finite, new, old)
     new_state = TrainState(
-        step=state.step + 1, params=params,
-        ema_params=optim.ema_update(state.ema_params, params, state.step, config.optim.ema_decay),
-        opt_state=opt_state)
+        step=state.step + 1,
+        params=jax.tree_util.tree_map(keep, params, state.params),
+        ema_params=jax.tree_util.tree_map(keep, ema_params, state.ema_params),
+        opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
     metrics = {"loss": loss, "grad_norm": _global_norm(grads), "lr": schedule(state.step),
-               "truncated_captions": jnp.sum(batch["truncated"])}
+               "truncated_captions": jnp.sum(batch["truncated"]),
+               "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
     # Records the pipeline could not decode (replaced in the batch), by reason.
     skipped = jnp.sum(batch["skipped"], axis=0)
     metrics.update({f"skipped/{reason}": skipped[i] for i, reason in enumerate(records.REASONS)})
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """A scalar bool: whether every element of every leaf of `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _global_norm(tree: Any) -> jax.Array:

@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from li_dit import config_lib
+from li_dit.io import checkpoints
 from li_dit.parallel import distributed
 from li_dit.training import loop
 from li_dit.training import nonfinite
@@ -44,7 +45,7 @@ def main(argv):
                                      _PROCESS_ID.value)
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, nonfinite.Diverged) as e:
+  except (config_lib.ConfigError, checkpoints.CheckpointError, nonfinite.Diverged) as e:
     sys.exit(f"li_dit.train: {e}")
 
 

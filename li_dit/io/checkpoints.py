@@ -10,6 +10,7 @@ The frozen LLMs are not saved: they are loaded from their own files.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import grain
@@ -18,6 +19,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from li_dit import config_lib
 from li_dit.io import paths
@@ -27,6 +29,16 @@ ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing or does not fit the model; names the step and item."""
+
+
+class CheckpointMismatch(CheckpointError):
+  """A readable checkpoint whose tree or shapes differ from the model's: a wrong config, not a
+  damaged checkpoint, so nothing is moved aside."""
+
+
+# What reading a damaged checkpoint raises: orbax and tensorstore errors (ValueError, e.g. JSON
+# or decode errors; KeyError, a missing item), missing files, our own CheckpointError.
+_DAMAGE = (CheckpointError, ValueError, KeyError, TypeError, OSError)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -83,28 +95,89 @@ class Checkpointer:
     restored = self._restore(step, {name: ocp.args.StandardRestore(tree)
                                     for name, tree in abstract.items()})
     if data_iterator is not None:
-      self._restore(step, {"data": grain.checkpoint.CheckpointRestore(data_iterator)})
+      self.restore_data(step, data_iterator)
     return {name: restored[name] for name in abstract}
+
+  def restore_data(self, step: int, data_iterator: Any) -> None:
+    """Restores `data_iterator` in place to its state at `step` (`data_process_count` processes
+    only)."""
+    self._restore(step, {"data": grain.checkpoint.CheckpointRestore(data_iterator)})
 
   def check_shapes(self, step: int, item: str, abstract: Any) -> None:
     """Raises CheckpointError unless array item `item` of `step` has the tree and leaf shapes of
     `abstract` (arrays or ShapeDtypeStructs); reads metadata only. The message names the first
     parameter path that differs and both shapes."""
     self._check_step(step)
-    saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-             jax.tree_util.tree_leaves_with_path(dict(self.manager.item_metadata(step)[item]))}
-    wanted = {jax.tree_util.keystr(k): tuple(v.shape)
-              for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    metadata = self.manager.item_metadata(step)[item]
+    saved = _leaf_shapes(getattr(metadata, "tree", metadata))
+    wanted = _leaf_shapes(abstract)
     where = f"checkpoint step {step} in {self.manager.directory}, item {item}"
     for path in sorted(wanted.keys() | saved.keys()):
       if path not in saved:
-        raise CheckpointError(f"{where}: has no parameter {path} (the model's is "
-                              f"{wanted[path]})")
+        raise CheckpointMismatch(f"{where}: has no parameter {path} (the model's is "
+                                 f"{wanted[path]})")
       if path not in wanted:
-        raise CheckpointError(f"{where}: parameter {path} {saved[path]} is not in the model")
+        raise CheckpointMismatch(f"{where}: parameter {path} {saved[path]} is not in the model")
       if saved[path] != wanted[path]:
-        raise CheckpointError(f"{where}: parameter {path} has shape {saved[path]}, the model's "
-                              f"is {wanted[path]}")
+        raise CheckpointMismatch(f"{where}: parameter {path} has shape {saved[path]}, the "
+                                 f"model's is {wanted[path]}")
+
+  def restore_whole(self, abstract: dict[str, Any], step: int | None = None,
+                    data_iterator: Any | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, items of `abstract`) from the newest checkpoint that restores whole (or `step`).
+
+    Every item's tree and shapes are checked against the checkpoint's metadata first: a
+    mismatch raises CheckpointMismatch and moves nothing (a wrong config, not damage). A
+    checkpoint that cannot be read whole (a missing item, a truncated or corrupt file,
+    unreadable metadata) is reported (step, item, cause), moved aside to
+    checkpoints/<step>.damaged (never deleted, never half-loaded: nothing is returned and the
+    data iterator, restored last, is untouched) and the next older one is tried; with `step`
+    given, no other. CheckpointError naming every step tried when none restores.
+    """
+    if step is not None:
+      self._check_step(step)
+    candidates = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.manager.directory}")
+    tried = []
+    for candidate in candidates:
+      item = "metadata"
+      try:
+        for item, tree in abstract.items():
+          self.check_shapes(candidate, item, tree)
+        restored = {}
+        for item, tree in abstract.items():
+          restored[item] = self._restore(candidate, {item: ocp.args.StandardRestore(tree)})[item]
+        if data_iterator is not None:
+          item = "data"
+          self.restore_data(candidate, data_iterator)
+        return candidate, restored
+      except CheckpointMismatch:
+        raise
+      except _DAMAGE as e:
+        cause = " ".join(str(e).split())[:300] or type(e).__name__
+        aside = self._move_aside(candidate)
+        print(f"checkpoint step {candidate} is damaged (item {item}: {cause}); moved to {aside}",
+              file=sys.stderr, flush=True)
+        tried.append(f"{candidate} (item {item}: {cause})")
+    raise CheckpointError(f"no checkpoint in {self.manager.directory} restores whole; tried "
+                          f"step {'; step '.join(tried)}")
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Renames checkpoint `step` to <step>.damaged (.damaged.1, ... if taken); one process
+    renames, all wait for it."""
+    source = self.manager.directory / str(step)
+    target = self.manager.directory / f"{step}.damaged"
+    n = 0
+    while target.exists():
+      n += 1
+      target = self.manager.directory / f"{step}.damaged.{n}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"li_dit_checkpoint_{step}_moved_aside")
+    self.manager.reload()
+    return target
 
   def data_process_count(self, step: int) -> int | None:
     """How many processes saved the data-iterator state of `step` (None: it has none).
@@ -153,6 +226,18 @@ class Checkpointer:
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} does not match "
                             f"the model or is incomplete: {e}") from e
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of a tree's leaves. Paths name keys, attributes and indices alike, since
+  orbax's metadata stores a namedtuple (optax states) as a dict and a tuple as a list."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return f"[{getattr(key, attr)!r}]"
+    return str(key)
+  return {"".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def parse_checkpoint_path(path: str) -> tuple[str, int | None]:

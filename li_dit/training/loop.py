@@ -104,7 +104,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
   with contextlib.ExitStack() as opened:
     ckpt = opened.enter_context(checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                                          keep_every=config.keep_every))
-    start = ckpt.latest_step() or 0
+    # The newest checkpoint that restores whole, read straight into the state's shardings (a
+    # damaged one is moved aside and the one before it used); nothing allocated twice.
+    abstract = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(plan.init_state, jax.random.key(config.seed)), plan.state_shardings)
+    start, restored = 0, None
+    if ckpt.latest_step() is not None:
+      start, restored = ckpt.restore_whole({"params": abstract.params,
+                                            "ema_params": abstract.ema_params,
+                                            "opt_state": abstract.opt_state})
     # grain's iterator state restores only under the number of processes that saved it.
     # Otherwise the data restarts at the global batch step `start + 1` reads: the pipeline is a
     # function of the batch index, so the batches are the same as the saved run would have read.
@@ -114,8 +123,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
                                           jax.process_index(), jax.process_count(),
                                           start_batch=0 if restore_iterator else start)
     data_iter = opened.enter_context(iter(dataset))
-    state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(
-        jax.random.key(config.seed))
+    if restored is not None:
+      state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
+      if restore_iterator:
+        ckpt.restore_data(start, data_iter)
+    else:
+      state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(
+          jax.random.key(config.seed))
 
     if is_main:
       parts = []
@@ -132,16 +146,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     skipped = collections.Counter()
     nonfinite_total = 0
     if start:
-      restored = ckpt.restore(start, {
-          "params": checkpoints.abstract_like(state.params),
-          "ema_params": checkpoints.abstract_like(state.ema_params),
-          "opt_state": checkpoints.abstract_like(state.opt_state)},
-          data_iterator=data_iter if restore_iterator else None)
-      state = step_lib.TrainState(step=jnp.asarray(start, jnp.int32), **restored)
       counters = ckpt.restore_counters(start)
       nonfinite_total = counters.pop(nonfinite_lib.COUNTER, 0)
       skipped.update(counters)
-      logging.info("resumed from step %d in %s", start, workdir)
+      if is_main:
+        print(f"resumed from step {start} in {workdir}", flush=True)
       if not restore_iterator:
         logging.warning("checkpoint %d holds the data-iterator state of %s processes, this run "
                         "has %d: the data restarts at global batch %d, where the saved run would "
@@ -232,12 +241,7 @@ def initialize_from(path: str, state: step_lib.TrainState) -> step_lib.TrainStat
               "ema_params": checkpoints.abstract_like(state.ema_params)}
   try:
     with checkpoints.Checkpointer(workdir, create=False) as source:
-      step = source.latest_step() if step is None else step
-      if step is None:
-        raise checkpoints.CheckpointError(f"no checkpoint in {source.manager.directory}")
-      for item, tree in abstract.items():
-        source.check_shapes(step, item, tree)
-      restored = source.restore(step, abstract)
+      step, restored = source.restore_whole(abstract, step)
   except checkpoints.CheckpointError as e:
     raise config_lib.ConfigError(f"config.init_from={path!r}: {e}") from e
   if jax.process_index() == 0:

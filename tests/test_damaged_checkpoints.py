@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import smoke_runs
 
 
@@ -19,6 +21,7 @@ def _steps(workdir):
   return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_used(tmp_path):
   workdir = str(tmp_path / "run")
   common = ["--config.checkpoint_every=2", "--config.keep_checkpoints=3",

@@ -6,10 +6,12 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 
 import smoke_runs
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_unsaved_and_keeps_its_good_checkpoints(tmp_path):
   workdir = str(tmp_path / "run")
   result = subprocess.run(

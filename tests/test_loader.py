@@ -5,10 +5,13 @@ kills stuck and copes with dead workers; no shared memory is left behind."""
 import gc
 import importlib
 import os
+import secrets
 import signal
 import sys
 import threading
 import time
+
+from multiprocessing import shared_memory
 
 import grain.multiprocessing
 import numpy as np
@@ -43,12 +46,27 @@ class StallAfter:
     return self.ids(caption)
 
 
-def _dataset(num_workers=2, stall_after_batches=None):
+class TagSharedMemory:
+  """Data-worker transform: CaptionIds, in a worker whose shared-memory segments are named
+  `tag` + random hex instead of psm_ + random hex, so a test tells its own segments from those of
+  every other process on the machine (the other xdist worker's pipelines, other runs)."""
+
+  def __init__(self, tag: str):
+    self.ids = transforms.CaptionIds(shapes.train_captions(0) + [""])
+    self.tag = tag
+
+  def __call__(self, caption):
+    # CPython names every SharedMemory it creates _SHM_NAME_PREFIX + random hex.
+    shared_memory._SHM_NAME_PREFIX = "/" + self.tag  # pylint: disable=protected-access
+    return self.ids(caption)
+
+
+def _dataset(num_workers=2, stall_after_batches=None, transform=None):
   config = config_lib.default_config().input
   config.update(source="shapes", image_size=32, batch_size=BATCH, num_workers=num_workers,
                 prefetch_buffer=1)
-  transform = (StallAfter(stall_after_batches * BATCH) if stall_after_batches
-               else transforms.CaptionIds(shapes.train_captions(0) + [""]))
+  transform = transform or (StallAfter(stall_after_batches * BATCH) if stall_after_batches
+                            else transforms.CaptionIds(shapes.train_captions(0) + [""]))
   dataset = pipeline.make_train_dataset(config, transform)
   dataset.close_timeout = CLOSE_TIMEOUT
   return dataset
@@ -119,19 +137,20 @@ def test_close_finishes_with_stuck_workers_and_with_a_dead_one():
 
 
 def test_closed_iterators_leave_no_shared_memory_and_refuse_next():
-  before = _shm_names()
-  with iter(_dataset()) as iterator:
+  tag = f"t{secrets.token_hex(2)}_"  # With 3 random bytes: CPython's 14-character name limit.
+  with iter(_dataset(transform=TagSharedMemory(tag))) as iterator:
     batches = [next(iterator) for _ in range(4)]
     # The batches' arrays came through shared memory; their names are gone already.
     shared = [a for b in batches for a in b.values()
               if isinstance(a, grain.multiprocessing.SharedMemoryArray)]
-    assert shared and not {a.shm.name for a in shared} & _shm_names()
+    assert shared and all(a.shm.name.startswith(tag) for a in shared)
+    assert not {a.shm.name for a in shared} & _shm_names()
     workers = iterator.worker_processes()
   _wait_until_dead(workers, BOUND)
   assert iterator.closed and not any(p.is_alive() for p in workers)
   with pytest.raises(ValueError, match="closed"):
     next(iterator)
   iterator.close()  # Idempotent.
-  assert not {n for n in _shm_names() - before if n.startswith("psm_")}
+  assert not {n for n in _shm_names() if n.startswith(tag)}
   # The arrays stay valid after their names are unlinked and the iterator is closed.
   assert batches[3]["image"].shape == (BATCH, 32, 32, 3) and np.any(batches[3]["image"])

@@ -1,6 +1,7 @@
 """A damaged newest checkpoint (truncated files, a missing item) is reported, moved aside to
-<step>.damaged and the one before it used, by training's resume and by li_dit.sample; a
-checkpoint that does not fit the model is a config error that moves nothing."""
+<step>.damaged and the one before it used, by training's resume, li_dit.sample and
+tools/export_torch.py; a checkpoint that does not fit the model is a config error that moves
+nothing."""
 import glob
 import os
 import shutil
@@ -51,6 +52,16 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_used(tmp_
   assert "checkpoint step 8 is damaged (item ema_params: " in result.stderr
   assert "from step 6 of" in result.stdout and out.exists()
   assert {"6.damaged", "8.damaged"} <= set(_steps(workdir))
+
+  # The PyTorch export falls back the same way, and names the step it exported.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6", "params"))
+  result = _run([sys.executable, "tools/export_torch.py", "--workdir", workdir,
+                 "--out", str(tmp_path / "export")])
+  assert result.returncode == 0, result.stderr[-3000:]
+  # The export reads the item's shapes from the metadata, where the missing item shows first.
+  assert "checkpoint step 6 is damaged (item metadata: \"Unknown key: params." in result.stderr
+  assert "export_torch: step 4 of" in result.stdout
+  assert {"6.damaged.1", "8.damaged"} <= set(_steps(workdir))
 
   # A checkpoint that does not fit the model (another width): one line, nothing moved aside.
   before = _steps(workdir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import grain.checkpoint
@@ -122,9 +122,13 @@ class Checkpointer:
         raise CheckpointMismatch(f"{where}: parameter {path} has shape {saved[path]}, the "
                                  f"model's is {wanted[path]}")
 
-  def restore_whole(self, abstract: dict[str, Any], step: int | None = None,
-                    data_iterator: Any | None = None) -> tuple[int, dict[str, Any]]:
+  def restore_whole(self, abstract: dict[str, Any] | Callable[[int], dict[str, Any]],
+                    step: int | None = None, data_iterator: Any | None = None
+                    ) -> tuple[int, dict[str, Any]]:
     """(step, items of `abstract`) from the newest checkpoint that restores whole (or `step`).
+
+    `abstract`: {item: tree of ShapeDtypeStructs}, or a function of the step giving it (e.g.
+    read from that step's metadata; its read errors count as damage).
 
     Every item's tree and shapes are checked against the checkpoint's metadata first: a
     mismatch raises CheckpointMismatch and moves nothing (a wrong config, not damage). A
@@ -139,14 +143,16 @@ class Checkpointer:
     candidates = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     if not candidates:
       raise CheckpointError(f"no checkpoint in {self.manager.directory}")
+    abstract_at = abstract if callable(abstract) else lambda _: abstract
     tried = []
     for candidate in candidates:
       item = "metadata"
       try:
-        for item, tree in abstract.items():
+        wanted = abstract_at(candidate)
+        for item, tree in wanted.items():
           self.check_shapes(candidate, item, tree)
         restored = {}
-        for item, tree in abstract.items():
+        for item, tree in wanted.items():
           restored[item] = self._restore(candidate, {item: ocp.args.StandardRestore(tree)})[item]
         if data_iterator is not None:
           item = "data"

@@ -34,22 +34,22 @@ def restore_params(workdir: str, step: int | None, ema: bool
   """(config, parameters as a nested dict of numpy arrays, step) of a run's checkpoint.
 
   The parameters are restored from the shapes the checkpoint records, so neither the LLMs nor
-  the VAE are needed. Raises CheckpointError naming the step and the available ones.
+  the VAE are needed. Without `step`, the newest checkpoint that restores whole (a damaged one
+  is moved aside, li_dit.io.checkpoints.Checkpointer.restore_whole). Raises CheckpointError
+  naming the step and the available ones.
   """
   if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     raise checkpoints.CheckpointError(f"no checkpoints in {workdir} (no "
                                       f"{checkpoints.checkpoint_dir(workdir)})")
   with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
-    config = ckpt.restore_config(step)  # Checks the step first.
     item = "ema_params" if ema else "params"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(
+    abstract_at = lambda s: {item: jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        dict(ckpt.manager.item_metadata(step)[item]))
-    params = ckpt.restore(step, {item: abstract})[item]
+        dict(ckpt.manager.item_metadata(s)[item]))}
+    step, restored = ckpt.restore_whole(abstract_at, step)
+    params = restored[item]
+    config = ckpt.restore_config(step)
   return config, jax.tree_util.tree_map(np.asarray, params), step
 
 

@@ -178,6 +178,9 @@ class Checkpointer:
     while target.exists():
       n += 1
       target = self.manager.directory / f"{step}.damaged.{n}"
+    # Every process has chosen the same name before process 0 renames.
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"li_dit_checkpoint_{step}_named")
     if jax.process_index() == 0:
       source.rename(target)
     if jax.process_count() > 1:

@@ -106,11 +106,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
                                                          keep_every=config.keep_every))
     # The newest checkpoint that restores whole, read straight into the state's shardings (a
     # damaged one is moved aside and the one before it used); nothing allocated twice.
-    abstract = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(plan.init_state, jax.random.key(config.seed)), plan.state_shardings)
     start, restored = 0, None
     if ckpt.latest_step() is not None:
+      abstract = jax.tree_util.tree_map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+          jax.eval_shape(plan.init_state, jax.random.key(config.seed)), plan.state_shardings)
       start, restored = ckpt.restore_whole({"params": abstract.params,
                                             "ema_params": abstract.ema_params,
                                             "opt_state": abstract.opt_state})

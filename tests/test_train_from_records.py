@@ -74,10 +74,10 @@ def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line_across_a_re
   assert sum(m["skipped/unreadable_image"] for m in metrics) == 6
   assert metrics[-1]["skipped_total"] == 6
   assert "skipped 6 bad records" in result.stdout
-  # Each checkpoint holds the total through its own step, unlogged steps included.
+  # Each checkpoint holds the totals through its own step, unlogged steps included.
   for step, total in ((4, 2), (8, 4), (12, 6)):
     with open(os.path.join(workdir, "checkpoints", str(step), "counters", "metadata")) as f:
-      assert json.load(f) == {"skipped/unreadable_image": total}
+      assert json.load(f) == {"skipped/unreadable_image": total, "nonfinite_steps": 0}
   # Resumed from step 4, the run's total carries on from the checkpoint's.
   for step in (8, 12):
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))

@@ -8,6 +8,7 @@ wrong type, stops the program with a message naming the flag before any model co
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import re
 import sys
@@ -96,7 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
                       eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
                       # A step with a non-finite loss, gradient or parameter changes nothing
                       # (it is counted); this many in a row stop the run, unsaved, as diverged.
-                      max_nonfinite_steps=20)
+                      max_nonfinite_steps=20,
+                      # k micro-batches per global batch inside the step (a scan): the same
+                      # update, the DiT's activations of batch_size / k rows alive at once.
+                      accumulate_steps=1)
 
   # Sample grids written during training (and the defaults of li_dit.sample).
   config.sample = dict(prompts=(), steps=30, cfg=4.5, sampler="heun", seed=0)
@@ -126,6 +130,10 @@ def quiet_library_logs() -> None:
   at INFO. An explicit --verbosity wins."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    # orbax writes a checkpoint in asyncio tasks; when a write fails (a full disk), orbax raises
+    # it to the caller (li_dit.io.checkpoints: one line), and asyncio's own reports of the same
+    # error, with tracebacks, would only repeat it.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -217,6 +225,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
   _require(o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
            f"must be >= 1, got {o.max_nonfinite_steps}")
+  _require(o.accumulate_steps >= 1, "optim.accumulate_steps",
+           f"must be >= 1, got {o.accumulate_steps}")
+  _require(config.input.batch_size % o.accumulate_steps == 0, "optim.accumulate_steps",
+           f"{o.accumulate_steps} does not divide input.batch_size={config.input.batch_size}")
   _require(config.keep_checkpoints >= 1, "keep_checkpoints",
            f"must be >= 1, got {config.keep_checkpoints}")
   _require(config.keep_every >= 0, "keep_every", f"must be >= 0, got {config.keep_every}")

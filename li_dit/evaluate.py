@@ -11,12 +11,12 @@ li_dit.evaluation.shapes_score for colour, count, shape and position accuracy.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import app, flags
 from etils import epath
 
+from li_dit import cli
 from li_dit import config_lib
 from li_dit.evaluation import benchmarks
 from li_dit.generation import generator as generator_lib
@@ -44,12 +44,15 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   del argv
   config_lib.quiet_library_logs()
-  try:
-    mesh = load.parse_mesh(_MESH.value) if _MESH.value else None
-    config, generator, params, step = load.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
-                                                    mesh)
-  except (config_lib.ConfigError, checkpoints.CheckpointError, ValueError) as e:
-    sys.exit(f"li_dit.evaluate: {e}")
+  with cli.one_line_failures("li_dit.evaluate", config_lib.ConfigError,
+                             checkpoints.CheckpointError):
+    evaluate()
+
+
+def evaluate() -> None:
+  """The flags' run evaluated: the report written, the accuracies printed."""
+  mesh = load.parse_mesh(_MESH.value) if _MESH.value else None
+  config, generator, params, step = load.load_run(_WORKDIR.value, _STEP.value, _EMA.value, mesh)
   steps = _STEPS.value or config.sample.steps
   cfg = config.sample.cfg if _CFG.value is None else _CFG.value
   sampler = _SAMPLER.value or config.sample.sampler

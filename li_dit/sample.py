@@ -12,10 +12,9 @@ straight into their shards, so a run larger than one device samples as it traine
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
+from li_dit import cli
 from li_dit import config_lib
 from li_dit.generation import generator as generator_lib
 from li_dit.generation import load
@@ -56,20 +55,19 @@ def parse_size(text: str | None, generator: generator_lib.Generator) -> tuple[in
 def main(argv):
   del argv
   config_lib.quiet_library_logs()
-  try:
+  with cli.one_line_failures("li_dit.sample", config_lib.ConfigError,
+                             checkpoints.CheckpointError):
     mesh = load.parse_mesh(_MESH.value) if _MESH.value else None
     config, generator, params, step = load.load_run(_WORKDIR.value, _STEP.value, _EMA.value,
                                                     mesh)
     size = parse_size(_SIZE.value, generator)
-  except (config_lib.ConfigError, checkpoints.CheckpointError, ValueError) as e:
-    sys.exit(f"li_dit.sample: {e}")
-  prompts = [p for p in _PROMPTS.value for _ in range(_NUM.value)]
-  images = generator(params, prompts, seed=_SEED.value,
-                     steps=_STEPS.value or config.sample.steps,
-                     cfg_scale=config.sample.cfg if _CFG.value is None else _CFG.value,
-                     sampler=_SAMPLER.value or config.sample.sampler, size=size)
-  generator_lib.save_grid(images, _OUT.value, columns=_NUM.value if _NUM.value > 1 else None,
-                          scale=_SCALE.value)
+    prompts = [p for p in _PROMPTS.value for _ in range(_NUM.value)]
+    images = generator(params, prompts, seed=_SEED.value,
+                       steps=_STEPS.value or config.sample.steps,
+                       cfg_scale=config.sample.cfg if _CFG.value is None else _CFG.value,
+                       sampler=_SAMPLER.value or config.sample.sampler, size=size)
+    generator_lib.save_grid(images, _OUT.value, columns=_NUM.value if _NUM.value > 1 else None,
+                            scale=_SCALE.value)
   print(f"wrote {len(images)} image(s) of {images.shape[1]}x{images.shape[2]} from step {step} "
         f"of {_WORKDIR.value} to {_OUT.value} (mesh {dict(generator.mesh.shape)})")
 

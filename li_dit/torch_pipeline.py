@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from li_dit import cli
 from li_dit.export.torch import model as torch_model
 from li_dit.export.torch import pipeline as pipeline_lib
 
@@ -46,15 +47,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--noise", help="Initial noise, .npy float32 [B,C,h,w] (overrides --seed).")
   parser.add_argument("--size", type=int, help="Image side in pixels (default: trained size).")
   args = parser.parse_args(argv)
-  try:
+  # A bad --noise file is a ValueError of numpy's naming it.
+  with cli.one_line_failures("torch_pipeline", torch_model.ExportError, ValueError):
     pipeline = pipeline_lib.Pipeline(args.model)
     noise = None if args.noise is None else np.load(args.noise)
     images = pipeline(args.prompt, args.steps, args.cfg, args.sampler, args.seed, noise,
                       args.size)
-  except (torch_model.ExportError, ValueError, OSError) as e:
-    parser.exit(1, f"torch_pipeline: {e}\n")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
   print(f"torch_pipeline: wrote {len(images)} image(s) from {args.model} to {args.out}")
 
 

@@ -16,11 +16,10 @@ save checkpoints together. A checkpoint resumes on any number of processes and a
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
+from li_dit import cli
 from li_dit import config_lib
 from li_dit.io import checkpoints
 from li_dit.parallel import distributed
@@ -43,10 +42,9 @@ def main(argv):
   config_lib.quiet_library_logs()
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)
-  try:
+  with cli.one_line_failures("li_dit.train", config_lib.ConfigError, checkpoints.CheckpointError,
+                             nonfinite.Diverged):
     loop.train(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, checkpoints.CheckpointError, nonfinite.Diverged) as e:
-    sys.exit(f"li_dit.train: {e}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def test_unknown_demo_variant():
      "config.input.relations: ('left', 'beside') is not a non-empty subset of"),
     ("input.buckets", ((32, 32),) * 257, "config.input.buckets: at most 256 buckets, got 257"),
     ("input.buckets", ((32, 31),), "config.input.buckets: (32, 31) is not a (height, width)"),
+    ("optim.accumulate_steps", 0, "config.optim.accumulate_steps: must be >= 1, got 0"),
+    ("optim.accumulate_steps", 3,
+     "config.optim.accumulate_steps: 3 does not divide input.batch_size=8"),
 ])
 def test_validate_names_the_field(field, value, message):
   config = _load("demo.py", "smoke")

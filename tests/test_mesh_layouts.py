@@ -1,4 +1,5 @@
-"""Sharded training equals single-device training: 5 steps of the smoke config on 8 CPU devices.
+"""Sharded training equals single-device training: 5 steps of the smoke config on 8 CPU devices,
+one layout with gradient accumulation (config.optim.accumulate_steps) too.
 
 Each run is the real entry point (`python -m li_dit.train`) in its own process, since the number
 of host devices is fixed when jax starts. The smoke config encodes text online, so the frozen
@@ -11,17 +12,19 @@ import pytest
 import smoke_runs
 
 STEPS = 5
-LAYOUTS = {
-    "data=8": dict(data=8, fsdp=1, tensor=1),
-    "fsdp=8": dict(data=1, fsdp=8, tensor=1),
-    "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2),
+LAYOUTS = {  # name: (mesh, optim.accumulate_steps)
+    "data=8": (dict(data=8, fsdp=1, tensor=1), 1),
+    "fsdp=8": (dict(data=1, fsdp=8, tensor=1), 1),
+    # 4 micro-batches of 4 rows, each split over the 4 data-parallel devices (data x fsdp).
+    "data=2,fsdp=2,tensor=2,accumulate=4": (dict(data=2, fsdp=2, tensor=2), 4),
 }
 
 
-def _train(workdir: str, devices: int, mesh: dict[str, int]) -> str:
+def _train(workdir: str, devices: int, mesh: dict[str, int], accumulate_steps: int = 1) -> str:
   """Runs 5 steps; returns the run's stdout."""
   return smoke_runs.train(workdir, devices, mesh, f"--config.total_steps={STEPS}",
-                          "--config.sample_every=0", f"--config.checkpoint_every={STEPS}").stdout
+                          "--config.sample_every=0", f"--config.checkpoint_every={STEPS}",
+                          f"--config.optim.accumulate_steps={accumulate_steps}").stdout
 
 
 def _footprints(stdout: str) -> dict[str, tuple[float, float]]:
@@ -43,13 +46,14 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_eight_device_layout_matches_one_device(layout, reference, tmp_path):
   ref_losses, ref_params = reference
-  stdout = _train(str(tmp_path), 8, LAYOUTS[layout])
+  mesh, accumulate_steps = LAYOUTS[layout]
+  stdout = _train(str(tmp_path), 8, mesh, accumulate_steps)
   # Weights, EMA and Adam moments are split over fsdp x tensor, and so are the frozen LLM's.
   # Not quite evenly at the smoke size: the input sides of the patch embedding and the LLM-feature
   # projections, and the norms, are split over fsdp only or not at all (~15% of this tiny state,
   # <1% of LI-DiT-1B's). Measured on device 0: 1.05x the even share for fsdp=8, 1.17x for
   # data=2,fsdp=2,tensor=2.
-  ways = LAYOUTS[layout]["fsdp"] * LAYOUTS[layout]["tensor"]
+  ways = mesh["fsdp"] * mesh["tensor"]
   footprints = _footprints(stdout)
   assert footprints.keys() == {"train state", "frozen text side"}
   for what, (total, per_device) in footprints.items():

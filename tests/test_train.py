@@ -43,6 +43,14 @@ def _losses(workdir):
   return out
 
 
+TIME_PARTS = ("step", "data_wait", "checkpoint", "sample", "compile")
+
+
+def _counters(workdir, step):
+  with open(os.path.join(workdir, "checkpoints", str(step), "counters", "metadata")) as f:
+    return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
@@ -63,6 +71,15 @@ def test_training_writes_metrics_checkpoints_and_samples(reference_run):
       assert key in m and np.isfinite(m[key]), key
   assert metrics[-1]["loss"] < metrics[0]["loss"]
   assert "step 12/12" in stdout and "steps/s" in stdout and "ETA" in stdout
+  # Each interval's wall time, split: the parts add up; the first step compiles, step 5 saves a
+  # checkpoint, step 12 samples and saves. Goodput counts start-up against the run.
+  for m in metrics:
+    parts = [m[f"time/{part}_s"] for part in TIME_PARTS]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(m["time/wall_s"], rel=1e-6)
+    assert 0 < m["goodput"] < 1
+  assert metrics[0]["time/compile_s"] > 1 and metrics[4]["time/checkpoint_s"] > 0
+  assert metrics[11]["time/sample_s"] > 0 and metrics[11]["time/checkpoint_s"] > 0
+  assert f"goodput {round(100 * metrics[-1]['goodput'])}%" in stdout.splitlines()[-1]
   grid = Image.open(os.path.join(workdir, "samples", "step_12.png"))
   assert grid.size[0] > 32 and grid.mode == "RGB"
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "12"]
@@ -151,10 +168,15 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, tmp_pa
     expected_resume = ckpts[-1]  # The last periodic checkpoint that was complete.
     assert expected_resume in (5, 10) and expected_resume < killed_at
 
+  before = _counters(workdir, expected_resume)
   resumed = _run(_train_cmd(workdir))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"step {expected_resume + 1}/12" in resumed.stdout
   assert f"step {expected_resume}/12" not in resumed.stdout
+  # Goodput spans both processes: the first start, and the productive time saved before the kill.
+  after = _counters(workdir, 12)
+  assert after["goodput/started_at"] == before["goodput/started_at"]
+  assert after["goodput/productive_s"] > before["goodput/productive_s"] > 0
   # Same step count, same data and randomness: the same losses as the uninterrupted run.
   assert _losses(workdir) == _losses(reference)
 

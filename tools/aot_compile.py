@@ -43,6 +43,7 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit import config_lib  # noqa: E402
 from li_dit.diffusion import flow  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
@@ -239,16 +240,14 @@ def _print(result: dict) -> None:
 
 def main(argv):
   del argv
-  try:
+  with cli.one_line_failures("aot_compile", config_lib.ConfigError, ValueError):
     result = plan(_CONFIG.value, _TOPOLOGY.value, _PREFIX.value, _SUFFIX.value, _SLICES.value,
                   _PROGRAM.value, _SAMPLE_BATCH.value)
-  except (config_lib.ConfigError, ValueError) as e:
-    sys.exit(f"aot_compile: {e}")
-  _print(result)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {_JSON.value}")
+    _print(result)
+    if _JSON.value:
+      with open(_JSON.value, "w") as f:
+        json.dump(result, f, indent=2)
+      print(f"wrote {_JSON.value}")
   if not result["fits"]:
     sys.exit(1)
 

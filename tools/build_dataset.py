@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit.data import build, images, records  # noqa: E402
 
 _INPUT = flags.DEFINE_multi_string("input", None, "Folder, table or .tar shard (repeatable).")
@@ -56,12 +57,11 @@ flags.mark_flags_as_required(["input", "out", "name"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
+  # Bad arguments or input raise ValueErrors whose messages name them.
+  with cli.one_line_failures("build_dataset", ValueError):
     summary = build.build(_INPUT.value, _OUT.value, _NAME.value, _VERSION.value,
                           _PER_SHARD.value, _WORKERS.value, _MIN_SIZE.value, _MAX_PIXELS.value,
                           _MAX_CHARS.value)
-  except ValueError as e:  # Bad arguments or input: the message names them.
-    sys.exit(f"build_dataset: {e}")
   print(json.dumps(summary, indent=2))
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit import config_lib  # noqa: E402
 from li_dit.data import latent_datasets  # noqa: E402
 
@@ -51,13 +52,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config_lib.quiet_library_logs()
   config = _CONFIG.value
-  try:
+  # ConfigError and bad input raise ValueErrors whose messages name them.
+  with cli.one_line_failures("encode_latents", ValueError):
     config_lib.validate(config)
     summary = latent_datasets.encode_dataset(config, _OUT.value, _NAME.value, _VERSION.value,
                                              _NUM.value, _BATCH.value, _DTYPE.value,
                                              _PER_SHARD.value)
-  except ValueError as e:  # ConfigError and bad input: the message names them.
-    sys.exit(f"encode_latents: {e}")
   print(json.dumps(summary, indent=2))
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit import config_lib  # noqa: E402
 from li_dit.export.torch import exporter  # noqa: E402
 from li_dit.export.torch import model as torch_model  # noqa: E402
@@ -46,10 +47,9 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   del argv
   config_lib.quiet_library_logs()
-  try:
+  with cli.one_line_failures("export_torch", checkpoints.CheckpointError,
+                             torch_model.ExportError):
     cfg = exporter.export(_WORKDIR.value, _OUT.value, _STEP.value, _EMA.value, _DTYPE.value)
-  except (checkpoints.CheckpointError, torch_model.ExportError, ValueError) as e:
-    sys.exit(f"export_torch: {e}")
   print(f"export_torch: step {cfg['source']['step']} of {_WORKDIR.value} "
         f"({cfg['source']['params']}, {cfg['dtype']}) -> {_OUT.value}")
 

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit.data.synthetic import emoji, shapes  # noqa: E402
 
 _SOURCE = flags.DEFINE_enum("source", None, ["shapes", "emoji"], "What to write.")
@@ -36,19 +37,24 @@ def _write(folder: str, index: int, image: Image.Image, caption: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  os.makedirs(_OUT.value, exist_ok=True)
-  if _SOURCE.value == "shapes":
-    source = shapes.ShapesSource(image_size=_SIZE.value or 32)
-    for i in range(_NUM.value):
-      record = source[i]
-      _write(_OUT.value, i, Image.fromarray(record["image"]), record["caption"])
-    count = _NUM.value
-  else:
-    items = emoji.read_emoji()
-    for i, (text, name) in enumerate(items):
-      _write(_OUT.value, i, emoji.render(text, _SIZE.value or 64), name)
-    count = len(items)
+  with cli.one_line_failures("make_image_folder"):
+    count = write_folder(_SOURCE.value, _OUT.value, _NUM.value, _SIZE.value)
   print(f"wrote {count} images with captions to {_OUT.value}")
+
+
+def write_folder(source_name: str, out: str, num: int, size: int | None) -> int:
+  """Writes the images and captions; returns how many."""
+  os.makedirs(out, exist_ok=True)
+  if source_name == "shapes":
+    source = shapes.ShapesSource(image_size=size or 32)
+    for i in range(num):
+      record = source[i]
+      _write(out, i, Image.fromarray(record["image"]), record["caption"])
+    return num
+  items = emoji.read_emoji()
+  for i, (text, name) in enumerate(items):
+    _write(out, i, emoji.render(text, size or 64), name)
+  return len(items)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit import config_lib  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.training import run_card  # noqa: E402
@@ -42,12 +43,10 @@ def table(counts: dict[str, int], depth: int) -> str:
 def main(argv):
   del argv
   config = _CONFIG.value
-  try:
+  with cli.one_line_failures("param_count", config_lib.ConfigError):
     config_lib.validate(config)
     counts = run_card.param_counts(config, run_card.planned_encoders(config),
                                    image_space.from_config(config, load=False))
-  except config_lib.ConfigError as e:
-    sys.exit(f"param_count: {e}")
   print(table(counts, _DEPTH.value))
 
 

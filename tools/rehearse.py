@@ -49,6 +49,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit import config_lib  # noqa: E402
 from li_dit.data import build  # noqa: E402
 from li_dit.data.synthetic import shapes  # noqa: E402
@@ -337,9 +338,18 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  with cli.one_line_failures("rehearse", config_lib.ConfigError):
+    if _JSON.value:  # An unwritable --json fails now, not after the stages.
+      open(_JSON.value, "a").close()
+    ok = run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
+             config_flags.get_override_values(flags.FLAGS["config"]))
+  if not ok:
+    sys.exit(1)
+
+
+def run(config, config_file: str, overrides: dict[str, Any]) -> bool:
+  """Rehearses in --workdir (or a temporary directory, removed after); prints the verdict and
+  writes --json. Returns whether every stage passed."""
   start = time.perf_counter()
   root = _WORKDIR.value or tempfile.mkdtemp(prefix="li_dit_rehearsal_")
   try:
@@ -354,8 +364,7 @@ def main(argv):
     with open(_JSON.value, "w") as f:
       json.dump({"config": config_file, "seconds": seconds, "ok": report.ok,
                  "stages": report.stages}, f, indent=2)
-  if not report.ok:
-    sys.exit(1)
+  return report.ok
 
 
 if __name__ == "__main__":

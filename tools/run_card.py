@@ -23,6 +23,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from li_dit import cli  # noqa: E402
 from li_dit import config_lib  # noqa: E402
 from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.training import run_card  # noqa: E402
@@ -43,18 +44,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  try:
+  with cli.one_line_failures("run_card", config_lib.ConfigError):
     config_lib.validate(config)
     mesh = run_card.mesh_sizes(config, _DEVICES.value or jax.device_count(), _SLICES.value)
     card = run_card.make(config, run_card.planned_encoders(config, _PREFIX.value, _SUFFIX.value),
                          image_space.from_config(config, load=False), mesh)
-  except config_lib.ConfigError as e:
-    sys.exit(f"run_card: {e}")
-  print(run_card.describe(card))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(card, f, indent=2)
-    print(f"wrote {_JSON.value}")
+    print(run_card.describe(card))
+    if _JSON.value:
+      with open(_JSON.value, "w") as f:
+        json.dump(card, f, indent=2)
+      print(f"wrote {_JSON.value}")
 
 
 if __name__ == "__main__":

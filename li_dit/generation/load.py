@@ -35,12 +35,12 @@ def fit_mesh(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """"data=D,fsdp=F,tensor=T" (any subset; the rest 1) -> sizes; ValueError naming the part."""
+  """"data=D,fsdp=F,tensor=T" (any subset; the rest 1) -> sizes; ConfigError naming the part."""
   sizes = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     axis, _, value = part.partition("=")
     if axis not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
-      raise ValueError(f"--mesh: {part!r} is not AXIS=SIZE with AXIS one of {sharding.MESH_AXES}")
+      raise config_lib.ConfigError(f"--mesh: {part!r} is not AXIS=SIZE with AXIS one of {sharding.MESH_AXES}")
     sizes[axis] = int(value)
   return sizes
 

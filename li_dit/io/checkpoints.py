@@ -9,9 +9,10 @@ The frozen LLMs are not saved: they are loaded from their own files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grain
 import grain.checkpoint
@@ -57,6 +58,18 @@ class Checkpointer:
     only read from)."""
     if not create and not epath.Path(checkpoint_dir(workdir)).is_dir():
       raise CheckpointError(f"no checkpoints in {workdir} (no {checkpoint_dir(workdir)})")
+    if jax.process_count() == 1:
+      # orbax splits the writing of a replicated array among its replicas ("replica parallel"),
+      # one slice per replica, each a small jit compiled on first use (~20 s of compiles at the
+      # first save of a smoke run on 8 host devices). In one process the same host writes every
+      # slice, so the split spreads no I/O; it pays only across processes.
+      # The default handler's metadata store is kept (orbax exports no public name for it).
+      default = ocp.type_handlers.get_type_handler(jax.Array)
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+          use_replica_parallel=False,
+          array_metadata_store=getattr(default, "_array_metadata_store", None)), override=True)
+    self._saving: int | None = None  # The step of the last save started.
+    self._save_failed = False
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["data"] = grain.checkpoint.CheckpointHandler()
     handlers["config"] = ocp.JsonCheckpointHandler()
@@ -80,7 +93,11 @@ class Checkpointer:
     args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     args["config"] = ocp.args.JsonSave(config_lib.to_json(config))
     args["counters"] = ocp.args.JsonSave(dict(counters or {}))
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    # orbax raises a failed async save (e.g. a full disk) here, at the next save, or in wait();
+    # the cause names the file, whose directory names the step.
+    self._saving = step
+    with self._save_failures():
+      return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore(self, step: int, abstract: dict[str, Any], data_iterator: Any | None = None
               ) -> dict[str, Any]:
@@ -212,11 +229,30 @@ class Checkpointer:
     return dict(self._restore(step, {"counters": ocp.args.JsonRestore()})["counters"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for a save in flight; CheckpointError if it failed."""
+    with self._save_failures():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for a save in flight, then releases the manager's threads."""
-    self.manager.close()
+    """Waits for a save in flight, then releases the manager's threads. A failed save is
+    CheckpointError, unless one was raised already."""
+    with self._save_failures():
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _save_failures(self) -> Iterator[None]:
+    """A save that failed (in orbax's background threads) -> one CheckpointError naming the
+    step, the directory and the cause; raised once. orbax leaves the step's temporary directory,
+    which the next start ignores, so the checkpoints before it stay the ones a restart uses."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # Whatever the storage raised.
+      if self._save_failed:
+        return
+      self._save_failed = True
+      cause = " ".join(str(e).split())
+      raise CheckpointError(f"saving checkpoint step {self._saving} in {self.manager.directory} "
+                            f"failed: {type(e).__name__}: {cause}") from e
 
   def __enter__(self) -> Checkpointer:
     return self

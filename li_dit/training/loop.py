@@ -31,6 +31,7 @@ from li_dit.parallel import sharding
 from li_dit.text import conditioning
 from li_dit.text import encoders as encoders_lib
 from li_dit.training import flops as flops_lib
+from li_dit.training import goodput as goodput_lib
 from li_dit.training import metrics as metrics_lib
 from li_dit.training import nonfinite as nonfinite_lib
 from li_dit.training import plan as plan_lib
@@ -144,11 +145,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     # Records the pipeline skipped, per "skipped/<reason>", through the last logged step of the
     # run (restarts included: the totals travel in the checkpoint).
     skipped = collections.Counter()
-    nonfinite_total = 0
+    counters = ckpt.restore_counters(start) if start else {}
+    skipped.update(_skipped_counts(counters))
     if start:
-      counters = ckpt.restore_counters(start)
-      nonfinite_total = counters.pop(nonfinite_lib.COUNTER, 0)
-      skipped.update(counters)
       if is_main:
         print(f"resumed from step {start} in {workdir}", flush=True)
       if not restore_iterator:
@@ -170,7 +169,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
     progress = metrics_lib.Progress(config.total_steps, start, config.input.batch_size,
                                     card["model_tflops_per_step"] * 1e12, peak, mesh.size)
     preemption = Preemption()
-    nonfinite = nonfinite_lib.NonfiniteSteps(config.optim.max_nonfinite_steps, nonfinite_total)
+    nonfinite = nonfinite_lib.NonfiniteSteps(config.optim.max_nonfinite_steps,
+                                             counters.get(nonfinite_lib.COUNTER, 0))
+    timing = opened.enter_context(goodput_lib.Goodput(counters))
 
     def write_samples(step: int):
       if not config.sample.prompts:
@@ -182,10 +183,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
         generator_lib.save_grid(images, os.path.join(workdir, "samples", f"step_{step}.png"),
                                 scale=4)
 
-    pending = []
+    pending = []  # The metrics of the steps since the last log.
+
+    def write_log(step: int):
+      nonlocal pending
+      summary = metrics_lib.average(pending)
+      summary.update(timing.interval())
+      summary.update(progress.update(step, excluded_seconds=summary["time/compile_s"]))
+      skipped.update(_skipped_counts(summary))
+      summary["skipped_total"] = sum(skipped.values())
+      summary[nonfinite_lib.COUNTER] = nonfinite.total
+      pending = []
+      writer.write(step, summary)
+      if is_main:
+        print(progress.line(step, summary), flush=True)
+
     for step in range(start + 1, config.total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.host_to_global(next(data_iter), mesh, rules)
+        with timing.phase("data_wait"):
+          batch = sharding.host_to_global(next(data_iter), mesh, rules)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
           state, metrics = plan.train_step(state, frozen, batch)
       pending.append(metrics)
@@ -196,33 +212,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
       log = step % config.log_every == 0 or last
       if log or save:
         nonfinite.flush()
-      if log:
-        summary = metrics_lib.average(pending)
-        summary.update(progress.update(step))
-        skipped.update(_skipped_counts(summary))
-        summary["skipped_total"] = sum(skipped.values())
-        summary[nonfinite_lib.COUNTER] = nonfinite.total
-        pending = []
-        writer.write(step, summary)
-        if is_main:
-          print(progress.line(step, summary), flush=True)
       if nonfinite.diverged:
+        if log:
+          write_log(step)
         raise nonfinite_lib.Diverged(nonfinite.message(ckpt.latest_step(), ckpt.manager.directory))
       if save:
-        # The step never keeps a non-finite update; this guards what it cannot see (e.g. a
-        # restored or initialized state), so no checkpoint ever holds a non-finite parameter.
-        if not nonfinite_lib.state_is_finite(state.params, state.ema_params):
-          raise nonfinite_lib.Diverged(
-              f"step {step}: the parameters are not finite; nothing saved, the last checkpoint "
-              f"is {ckpt.latest_step()} in {ckpt.manager.directory}")
         # Steps since the last log count too: the resumed run starts after this step.
         unlogged = _skipped_counts(metrics_lib.average(pending)) if pending else {}
-        counters = skipped + collections.Counter(unlogged)
-        ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
-                         "opt_state": state.opt_state}, data_iter, config,
-                  counters={**counters, nonfinite_lib.COUNTER: nonfinite.total}, force=True)
+        counters = {**(skipped + collections.Counter(unlogged)),
+                    nonfinite_lib.COUNTER: nonfinite.total, **timing.counters()}
+        with timing.phase("checkpoint"):
+          # The step never keeps a non-finite update; this guards what it cannot see (e.g. a
+          # restored or initialized state), so no checkpoint ever holds a non-finite parameter.
+          if not nonfinite_lib.state_is_finite(state.params, state.ema_params):
+            raise nonfinite_lib.Diverged(
+                f"step {step}: the parameters are not finite; nothing saved, the last "
+                f"checkpoint is {ckpt.latest_step()} in {ckpt.manager.directory}")
+          ckpt.save(step, {"params": state.params, "ema_params": state.ema_params,
+                           "opt_state": state.opt_state}, data_iter, config,
+                    counters=counters, force=True)
       if config.sample_every and (step % config.sample_every == 0 or last):
-        write_samples(step)
+        with timing.phase("sample"):
+          write_samples(step)
+      # After the save and the samples, so the step's log accounts for their time.
+      if log:
+        write_log(step)
       if stop:
         ckpt.wait()
         logging.warning("stopped at step %d after SIGTERM; checkpoint saved", step)

@@ -113,9 +113,12 @@ class Progress:
     self._last_time = time.perf_counter()
     self._start_time = self._last_time
 
-  def update(self, step: int) -> dict[str, float]:
+  def update(self, step: int, excluded_seconds: float = 0.0) -> dict[str, float]:
+    """Rates since the last update; `excluded_seconds` of the interval (compilation) are not
+    step time."""
     now = time.perf_counter()
-    steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    busy = now - self._last_time - excluded_seconds
+    steps_per_sec = (step - self._last_step) / max(busy, 1e-9)
     self._last_step, self._last_time = step, now
     flops_per_sec = steps_per_sec * self.step_flops
     return {"steps_per_sec": steps_per_sec,
@@ -132,6 +135,10 @@ class Progress:
       extra += f" | skipped {int(m['skipped_total'])} bad records"
     if m.get("nonfinite_steps"):
       extra += f" | {int(m['nonfinite_steps'])} non-finite steps skipped"
+    if m.get("time/compile_s", 0) >= 0.5:
+      extra += f" | compiled {m['time/compile_s']:.1f} s"
+    if "goodput" in m:
+      extra += f" | goodput {100 * m['goodput']:.0f}%"
     return (f"step {step}/{self.total_steps} | loss {m['loss']:.4f} | grad_norm "
             f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['steps_per_sec']:.2f} steps/s | "
             f"{m['examples_per_sec']:.1f} ex/s | MFU {100 * m['mfu']:.1f}% | ETA {eta // 3600}h{eta % 3600 // 60:02d}m"

@@ -56,7 +56,8 @@ def make_mesh(config: ml_collections.ConfigDict,
 
 def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                         ) -> tuple[tuple[str, Any], ...]:
-  """Raises ConfigError unless the global batch divides over the mesh's data-parallel devices.
+  """Raises ConfigError unless the global batch, and each micro-batch of
+  config.optim.accumulate_steps, divides over the mesh's data-parallel devices.
 
   Returns the sharding rules of `config` (which decide which mesh axes split the batch).
   """
@@ -66,6 +67,12 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     raise config_lib.ConfigError(
         f"config.input.batch_size={config.input.batch_size} does not divide over the "
         f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
+  micro_batch = config.input.batch_size // config.optim.accumulate_steps
+  if micro_batch % dp:
+    raise config_lib.ConfigError(
+        f"config.optim.accumulate_steps={config.optim.accumulate_steps}: micro-batches of "
+        f"{micro_batch} rows do not divide over the {dp} data-parallel devices of mesh "
+        f"{dict(mesh.shape)}")
   return rules
 
 

@@ -7,7 +7,7 @@ gradient, AdamW and the EMA. li_dit.training.plan builds the model and jits the 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -17,6 +17,7 @@ import ml_collections
 from li_dit.data import records
 from li_dit.diffusion import flow
 from li_dit.diffusion import image_space
+from li_dit.models import lidit
 from li_dit.text import conditioning
 from li_dit.training import optim
 
@@ -45,11 +46,19 @@ def make_train_step(model, conditioner: conditioning.TextConditioner, space: ima
     noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
     x_t = flow.interpolate(x0, noise, t)
 
-    def loss_fn(params):
-      v = model.apply({"params": params}, x_t, t, text)
+    # The frozen encoders and the draws above see the whole batch (no gradient: their
+    # activations are short-lived), so the draws do not depend on optim.accumulate_steps; the
+    # DiT's forward and backward, where the memory goes, run a micro-batch at a time.
+    prefixes = [f.prefix for f in text]  # Shared by every row; the rest is per row.
+
+    def loss_fn(params, x_t, t, text_rows, x0, noise):
+      rows_text = [lidit.TextFeatures(p, *rows) for p, rows in zip(prefixes, text_rows)]
+      v = model.apply({"params": params}, x_t, t, rows_text)
       return jnp.mean(flow.flow_loss(v, x0, noise))
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    text_rows = [(f.tokens, f.mask) for f in text]
+    loss, grads = accumulate(jax.value_and_grad(loss_fn), state.params,
+                             (x_t, t, text_rows, x0, noise), config.optim.accumulate_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(jnp.add, state.params, updates)
     ema_params = optim.ema_update(state.ema_params, params, state.step, config.optim.ema_decay)
@@ -72,6 +81,31 @@ def make_train_step(model, conditioner: conditioning.TextConditioner, space: ima
     return new_state, metrics
 
   return train_step
+
+
+def accumulate(value_and_grad: Callable[..., tuple[jax.Array, Any]], params: Any,
+               batch: tuple[Any, ...], k: int) -> tuple[jax.Array, Any]:
+  """The mean loss and gradient of `value_and_grad(params, *batch)` over the whole batch,
+  computed k micro-batches at a time in a scan, so one micro-batch's activations are alive at once.
+
+  Every leaf of `batch` has the batch B first, B divisible by k. Micro-batch j holds rows j, j+k,
+  j+2k, ...: each is spread over the data-parallel shards like the whole batch, so no device
+  idles. The loss is a mean over rows, so the mean of the k micro-batches' losses and gradients
+  is the whole batch's (up to the order of float additions). k = 1 is value_and_grad itself.
+  """
+  if k == 1:
+    return value_and_grad(params, *batch)
+
+  def micro(x):  # [B, ...] -> [k, B/k, ...]: row i*k + j goes to micro-batch j.
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  def add(carry, micro_batch):
+    loss, grads = value_and_grad(params, *micro_batch)
+    return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(add, zeros, jax.tree_util.tree_map(micro, batch))
+  return jax.tree_util.tree_map(lambda x: x / k, (loss, grads))
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -116,7 +116,7 @@ def export_config(config: ml_collections.ConfigDict, state: dict[str, np.ndarray
   """config.json of an export (see the module docstring); `state` gives the LLM widths."""
   objective = config.flow.get("objective", "rectified_flow")
   if objective not in OBJECTIVES:
-    raise ValueError(f"config.flow.objective {objective!r}: the PyTorch export samples "
+    raise torch_model.ExportError(f"config.flow.objective {objective!r}: the PyTorch export samples "
                      f"{OBJECTIVES} only")
   m = config.model
   names = sorted(config.text.llms)  # The branch order (li_dit.text.encoders.build_encoders).

@@ -415,8 +415,11 @@ def read_config(folder: str) -> dict:
   if not os.path.isfile(path):
     raise ExportError(f"{folder} is not an exported LI-DiT: no {CONFIG_NAME}")
   with open(path, encoding="utf-8") as f:
-    config = json.load(f)
-  version = config.get("format_version")
+    try:
+      config = json.load(f)
+    except ValueError as e:  # Not JSON, or not UTF-8.
+      raise ExportError(f"{path} is damaged: {e}") from e
+  version = config.get("format_version") if isinstance(config, dict) else None
   if version != FORMAT_VERSION:
     raise ExportError(f"{path}: format_version {version!r} is not supported; this torch_model "
                       f"reads format_version {FORMAT_VERSION} (export again with this li-dit, "

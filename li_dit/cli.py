@@ -19,4 +19,8 @@ def one_line_failures(prog: str, *expected: type[BaseException]) -> Iterator[Non
   try:
     yield
   except (OSError, *expected) as e:
-    sys.exit(f"{prog}: {e}")
+    # One write, newline included: background threads (e.g. orbax's, after a failed save) may
+    # write to stderr while the process exits.
+    sys.stderr.write(f"{prog}: {e}\n")
+    sys.stderr.flush()
+    sys.exit(1)

@@ -161,6 +161,14 @@ def test_denoiser_matches_jax_one_llm(smoke_run, smoke_export):
 
 @pytest.mark.slow
 def test_denoiser_matches_jax_two_llms(two_llm_export):
+  """configs/demo.py:two_llms_smoke, SmolLM2 and Gemma-3 fused by the collaborative refiner:
+  trained, and exported."""
+  workdir, _ = two_llm_export
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert sorted(json.load(f)["text"]["llms"]) == ["gemma3", "smollm2"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = [json.loads(line)["loss"] for line in f]
+  assert losses and all(np.isfinite(losses))
   diff = _parity(*two_llm_export)
   print(f"two LLMs (configs/demo.py:two_llms_smoke): max |torch - JAX| = {diff:.3g}")
   assert diff <= PARITY_ATOL

@@ -181,25 +181,6 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, tmp_pa
   assert _losses(workdir) == _losses(reference)
 
 
-@pytest.mark.slow
-def test_two_llms_demo_trains_and_samples(tmp_path):
-  """configs/demo.py:two_llms_smoke: SmolLM2 and Gemma-3 fused by the collaborative refiner."""
-  cmd = [sys.executable, "-m", "li_dit.train", "--config",
-         os.path.join(REPO, "configs", "demo.py") + ":two_llms_smoke", "--config.log_every=1",
-         "--workdir", str(tmp_path / "run")]
-  proc = _run(cmd, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  metrics = _metrics(tmp_path / "run")
-  assert len(metrics) == 12 and metrics[-1]["loss"] < metrics[0]["loss"]
-  with open(tmp_path / "run" / "config.json") as f:
-    assert sorted(json.load(f)["text"]["llms"]) == ["gemma3", "smollm2"]
-  out = tmp_path / "grid.png"
-  proc = _run([sys.executable, "-m", "li_dit.sample", "--workdir", str(tmp_path / "run"),
-               "--prompt", "a red circle", "--out", str(out), "--steps", "2"], timeout=900)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert Image.open(out).mode == "RGB"
-
-
 def test_the_run_card_is_printed_written_and_the_tools(reference_run, tmp_path):
   workdir, proc = reference_run
   assert "run card: 32x32 px -> DiT input 32x32x3, 64 image tokens" in proc.stdout

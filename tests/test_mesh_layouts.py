@@ -15,8 +15,8 @@ STEPS = 5
 LAYOUTS = {  # name: (mesh, optim.accumulate_steps)
     "data=8": (dict(data=8, fsdp=1, tensor=1), 1),
     "fsdp=8": (dict(data=1, fsdp=8, tensor=1), 1),
-    # 4 micro-batches of 4 rows, each split over the 4 data-parallel devices (data x fsdp).
-    "data=2,fsdp=2,tensor=2,accumulate=4": (dict(data=2, fsdp=2, tensor=2), 4),
+    # 2 micro-batches of 4 rows, each split over the 4 data-parallel devices (data x fsdp).
+    "data=2,fsdp=2,tensor=2,accumulate=2": (dict(data=2, fsdp=2, tensor=2), 2),
 }
 
 

@@ -120,10 +120,10 @@ def test_evaluate_cli_writes_a_report(reference_run, tmp_path):
   assert report["num_images"] == report["num_prompts"] >= 60
 
 
-def _wait_for(predicate, proc, timeout=600):
+def _wait_for(predicate, proc, timeout=600, allow_exit=False):
   start = time.time()
   while not predicate():
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert allow_exit or proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() - start < timeout, "timed out"
     time.sleep(0.5)
 
@@ -178,6 +178,58 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, tmp_pa
   assert after["goodput/started_at"] == before["goodput/started_at"]
   assert after["goodput/productive_s"] > before["goodput/productive_s"] > 0
   # Same step count, same data and randomness: the same losses as the uninterrupted run.
+  assert _losses(workdir) == _losses(reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_resumes_bit_for_bit(reference_run, tmp_path):
+  """Ten or more SIGKILLs of the whole process group at random moments, every other one the
+  moment a save is in flight (orbax's temporary directory exists), each followed by a restart in
+  the same workdir: the final parameters are the uninterrupted run's bit for bit, and
+  metrics.jsonl logs each step once."""
+  reference, _ = reference_run
+  workdir = tmp_path / "run"
+  ckpt_dir = workdir / "checkpoints"
+  # A save every other step, so kills land inside saves; saves and samples change no state.
+  cmd = _train_cmd(workdir, "--config.checkpoint_every=2", "--config.sample_every=0")
+
+  def saves_in_flight():  # orbax writes a checkpoint into a temporary directory, then renames it.
+    names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
+    return {d for d in names if "orbax-checkpoint-tmp" in d}
+
+  trials, inside_save, resume_points = 0, 0, []  # resume_points: the newest checkpoint after each.
+  while trials < 10:
+    rng = np.random.default_rng(trials)
+    logged, stale = _logged_steps(workdir), saves_in_flight()  # Left by earlier kills.
+    with smoke_runs.running([cmd]) as (proc,):
+      kind = trials % 3
+      if kind == 0:  # A random moment of start-up: loading, restoring, compiling.
+        time.sleep(rng.uniform(2.0, 12.0))
+      elif kind == 1:  # A random moment after the first step it takes: 0-1 s, ~0-2 steps.
+        _wait_for(lambda: _logged_steps(workdir) > logged or proc.poll() is not None, proc,
+                  allow_exit=True)
+        time.sleep(rng.uniform(0.0, 1.0))
+      else:  # The first save it starts, while orbax writes it.
+        _wait_for(lambda: saves_in_flight() - stale or proc.poll() is not None, proc,
+                  allow_exit=True)
+      assert proc.poll() is None, "the run finished before ten kills"
+      inside_save += bool(saves_in_flight() - stale)
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+    trials += 1
+    ckpts = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.is_dir() else []
+    resume_points.append(max(ckpts, default=0))
+  final = _run(cmd)
+  assert final.returncode == 0, final.stderr[-3000:]
+  print(f"{trials} kills, {inside_save} inside a save; resume points {resume_points}")
+  assert inside_save >= 3
+  got, want = smoke_runs.params(str(workdir), 12), smoke_runs.params(str(reference), 12)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  # The losses are the reference's, and each step is logged once: a resumed run drops what the
+  # killed one logged after the checkpoint it resumes from.
+  assert [m["step"] for m in _metrics(workdir)] == list(range(1, 13))
   assert _losses(workdir) == _losses(reference)
 
 

@@ -84,7 +84,8 @@ def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line_across_a_re
   for step in (8, 12):
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
   smoke_runs.train(workdir, 1, {}, *overrides)
-  resumed = _metrics(workdir)[len(metrics):]
+  # What the first run logged after step 4 is dropped: each step is logged once.
+  resumed = _metrics(workdir)
   assert [m["step"] for m in resumed] == [5, 10, 12]
   assert [m["skipped_total"] for m in resumed] == [m["skipped_total"] for m in metrics]
 

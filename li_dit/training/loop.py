@@ -159,7 +159,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainStat
 
     # Sample grids run on the training mesh, the EMA parameters where they are.
     generator = generator_lib.Generator(model, conditioner, space, config, mesh, rules)
-    writer = opened.enter_context(metrics_lib.MetricWriter(workdir, enabled=is_main))
+    writer = opened.enter_context(metrics_lib.MetricWriter(workdir, enabled=is_main,
+                                                           resume_step=start))
     peak, peak_source = flops_lib.peak_flops()
     if is_main:
       parts = card["model_tflops_per_step_by_part"]

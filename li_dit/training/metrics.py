@@ -42,10 +42,11 @@ class MetricWriter:
   The workdir may be on an object store (gs://), where objects cannot be appended to: there both
   files are written in a local staging folder and uploaded whole after every write (a 100k-step
   run logging every 50 steps uploads at most about 1 MB at a time). metrics.jsonl of an earlier
-  run in the workdir is continued.
+  run in the workdir is continued from `resume_step`: what it logged after that step (work a
+  kill lost, which the resumed run redoes) is dropped from both files, so each step is logged once.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
@@ -56,8 +57,11 @@ class MetricWriter:
     jsonl = os.path.join(self._local, "metrics.jsonl")
     if self._remote and (self._workdir / "metrics.jsonl").exists():
       (self._workdir / "metrics.jsonl").copy(jsonl)
+    _drop_after(jsonl, resume_step)
     self._jsonl = open(jsonl, "a")
-    self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"))
+    # TensorBoard hides the events of steps >= purge_step written before it.
+    self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -91,6 +95,19 @@ class MetricWriter:
       self._upload()
       if self._remote:
         shutil.rmtree(self._local)
+
+
+def _drop_after(jsonl: str, step: int) -> None:
+  """Rewrites `jsonl` (atomically) without its records of steps after `step`."""
+  if not os.path.exists(jsonl):
+    return
+  with open(jsonl) as f:
+    lines = f.readlines()
+  kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
+  if len(kept) < len(lines):
+    with open(jsonl + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(jsonl + ".tmp", jsonl)
 
 
 class Progress:

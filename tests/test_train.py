@@ -120,12 +120,12 @@ def test_evaluate_cli_writes_a_report(reference_run, tmp_path):
   assert report["num_images"] == report["num_prompts"] >= 60
 
 
-def _wait_for(predicate, proc, timeout=600, allow_exit=False):
+def _wait_for(predicate, proc, timeout=600, allow_exit=False, poll=0.5):
   start = time.time()
   while not predicate():
     assert allow_exit or proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() - start < timeout, "timed out"
-    time.sleep(0.5)
+    time.sleep(poll)
 
 
 def _logged_steps(workdir):
@@ -185,8 +185,8 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, tmp_pa
 def test_sigkill_at_random_moments_resumes_bit_for_bit(reference_run, tmp_path):
   """Ten or more SIGKILLs of the whole process group at random moments, every other one the
   moment a save is in flight (orbax's temporary directory exists), each followed by a restart in
-  the same workdir: the final parameters are the uninterrupted run's bit for bit, and
-  metrics.jsonl logs each step once."""
+  the same workdir, then a SIGTERM inside a save: the final parameters are the uninterrupted
+  run's bit for bit, and metrics.jsonl logs each step once."""
   reference, _ = reference_run
   workdir = tmp_path / "run"
   ckpt_dir = workdir / "checkpoints"
@@ -211,7 +211,7 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(reference_run, tmp_path):
         time.sleep(rng.uniform(0.0, 1.0))
       else:  # The first save it starts, while orbax writes it.
         _wait_for(lambda: saves_in_flight() - stale or proc.poll() is not None, proc,
-                  allow_exit=True)
+                  allow_exit=True, poll=0.01)
       assert proc.poll() is None, "the run finished before ten kills"
       inside_save += bool(saves_in_flight() - stale)
       os.killpg(proc.pid, signal.SIGKILL)
@@ -219,6 +219,16 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(reference_run, tmp_path):
     trials += 1
     ckpts = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.is_dir() else []
     resume_points.append(max(ckpts, default=0))
+  # SIGTERM while a save is in flight: the trainer finishes that save, then saves the step it
+  # stops after, and exits 143.
+  stale = saves_in_flight()
+  with smoke_runs.running([cmd]) as (proc,):
+    _wait_for(lambda: saves_in_flight() - stale or proc.poll() is not None, proc, poll=0.01)
+    in_flight = {int(d.split(".")[0]) for d in saves_in_flight() - stale}
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 143, stderr[-3000:]
+  assert all((ckpt_dir / str(step)).is_dir() for step in in_flight), (in_flight, stderr[-3000:])
   final = _run(cmd)
   assert final.returncode == 0, final.stderr[-3000:]
   print(f"{trials} kills, {inside_save} inside a save; resume points {resume_points}")

@@ -1,4 +1,5 @@
-"""A damaged newest checkpoint (truncated files, a missing item) is reported, moved aside to
+"""A damaged newest checkpoint (truncated files, a missing item, a config that does not read) is
+reported, moved aside to
 <step>.damaged and the one before it used, by training's resume, li_dit.sample and
 tools/export_torch.py; a checkpoint that does not fit the model is a config error that moves
 nothing."""
@@ -43,13 +44,15 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_used(tmp_
   assert "6.damaged" in _steps(workdir)
   assert [s for s in _steps(workdir) if s.isdigit()] == ["4", "6", "8"]
 
-  # A missing item: li_dit.sample uses the step before and says which.
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "8", "ema_params"))
+  # A config that does not read (the model's shapes come from it): li_dit.sample uses the step
+  # before and says which.
+  with open(os.path.join(workdir, "checkpoints", "8", "config", "metadata"), "w") as f:
+    f.write('{"model": ')
   out = tmp_path / "grid.png"
   result = _run([sys.executable, "-m", "li_dit.sample", "--workdir", workdir, "--prompt", "x",
                  "--out", str(out), "--steps", "2"])
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "checkpoint step 8 is damaged (item ema_params: " in result.stderr
+  assert "checkpoint step 8 is damaged (item metadata: " in result.stderr
   assert "from step 6 of" in result.stdout and out.exists()
   assert {"6.damaged", "8.damaged"} <= set(_steps(workdir))
 

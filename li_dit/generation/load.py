@@ -61,11 +61,8 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True,
   fit, a missing frozen model), naming what is wrong.
   """
   with checkpoints.Checkpointer(workdir, async_save=False, create=False) as ckpt:
-    latest = ckpt.latest_step() if step is None else step
-    if latest is None:
-      raise checkpoints.CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
     # Every checkpoint of a run has its config; the model's shapes come from it.
-    config = ckpt.restore_config(latest)
+    config = ckpt.newest_config(step)
     mesh, rules = _sampling_mesh(config, mesh_sizes)
     space = image_space.from_config(config, mesh, rules)
     conditioner = conditioning.TextConditioner(
@@ -80,8 +77,13 @@ def load_run(workdir: str, step: int | None = None, ema: bool = True,
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(abstract),
         shardings)
     item = "ema_params" if ema else "params"
-    # The newest checkpoint that restores whole (a damaged one is moved aside), or `step`.
-    step, restored = ckpt.restore_whole({item: target}, step)
+    # The newest checkpoint that restores whole, its config included (a damaged one is moved
+    # aside), or `step`.
+    def abstract_at(candidate: int) -> dict[str, Any]:
+      ckpt.restore_config(candidate)  # A config that does not read is damage too.
+      return {item: target}
+
+    step, restored = ckpt.restore_whole(abstract_at, step)
     params = restored[item]
   generator = generator_lib.Generator(model, conditioner, space, config, mesh, rules)
   return config, generator, params, step

@@ -217,9 +217,30 @@ class Checkpointer:
     return None
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
+    """The config saved with `step`; CheckpointError if it does not read."""
     self._check_step(step)
-    text = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return config_lib.from_json(text["config"])
+    text = self._restore(step, {"config": ocp.args.JsonRestore()})["config"]
+    try:
+      return config_lib.from_json(text)
+    except (ValueError, TypeError, KeyError) as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.manager.directory}: its config "
+                            f"does not read: {e}") from e
+
+  def newest_config(self, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config of checkpoint `step`, or of the newest checkpoint whose config reads (a run's
+    checkpoints share it; a damaged one is left for restore_whole to move aside)."""
+    if step is not None:
+      return self.restore_config(step)
+    if not self.manager.all_steps():
+      raise CheckpointError(f"no checkpoint in {self.manager.directory}")
+    errors = []
+    for candidate in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore_config(candidate)
+      except CheckpointError as e:
+        errors.append(str(e))
+    raise CheckpointError(f"no checkpoint in {self.manager.directory} has a config that reads"
+                          + (f": {'; '.join(errors)}" if errors else ""))
 
   def restore_counters(self, step: int) -> dict[str, float]:
     """The counters saved with `step` ({} for a checkpoint written before they existed)."""

@@ -44,9 +44,13 @@ def restore_params(workdir: str, step: int | None, ema: bool
   with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
     item = "ema_params" if ema else "params"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract_at = lambda s: {item: jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        dict(ckpt.manager.item_metadata(s)[item]))}
+
+    def abstract_at(candidate: int) -> dict[str, Any]:
+      ckpt.restore_config(candidate)  # A config that does not read is damage too.
+      return {item: jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          dict(ckpt.manager.item_metadata(candidate)[item]))}
+
     step, restored = ckpt.restore_whole(abstract_at, step)
     params = restored[item]
     config = ckpt.restore_config(step)

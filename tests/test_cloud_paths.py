@@ -116,7 +116,7 @@ def test_a_runs_files_go_to_a_bucket(gcs, tmp_path, monkeypatch):
   TensorBoard events, sample grids; orbax gets the checkpoint path as gs://, not made local."""
   run = epath.Path(gcs) / "runs" / "smoke"
   for steps in ((1, 2), (3,)):  # A run, then its resumed continuation.
-    with metrics_lib.MetricWriter(str(run)) as writer:
+    with metrics_lib.MetricWriter(str(run), resume_step=steps[0] - 1) as writer:
       for step in steps:
         writer.write(step, {"loss": 1.0 / step})
     time.sleep(1.1)  # TensorBoard event files are named by the second they were opened in.

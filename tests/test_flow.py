@@ -88,6 +88,7 @@ def test_heun_is_second_order():
   assert err["heun"][1] < err["euler"][1] / 4
 
 
+@pytest.mark.slow
 def test_tiny_overfit_drives_the_flow_loss_down():
   cfg = lidit.ModelConfig(patch_size=2, channels=3, width=32, depth=2, num_heads=2,
                           scan_layers=False)

@@ -133,6 +133,7 @@ def latent_run(vae_folder, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_latent_smoke_trains_end_to_end(latent_run):
   losses = smoke_runs.losses(latent_run)
   assert len(losses) == STEPS and np.all(np.isfinite(losses))
@@ -146,6 +147,7 @@ def test_latent_smoke_trains_end_to_end(latent_run):
   assert grid.size == (256, 256) and grid.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_sample_cli_decodes_to_pixels(latent_run, tmp_path):
   out = tmp_path / "image.png"
   result = subprocess.run(

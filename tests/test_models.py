@@ -23,6 +23,16 @@ def _perturb(params, scale=0.5, seed=1):
       treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
+def _init(module: nn.Module, *args):
+  """module.init, jitted: one compiled program is several times faster than eager op by op."""
+  return jax.jit(module.init)(*args)
+
+
+def _apply(module: nn.Module, variables, *args):
+  """module.apply, jitted (as training and sampling run it)."""
+  return jax.jit(module.apply)(variables, *args)
+
+
 def _text(rng, batch, prefix_len, length, width, valid):
   k1, k2 = jax.random.split(rng)
   mask = jnp.arange(length)[None, :] < jnp.asarray(valid)[:, None]
@@ -44,17 +54,17 @@ def test_token_refiner_shapes_and_identity_at_init():
   mask = jnp.array([[True] * 9, [True] * 5 + [False] * 4])
   t_emb = jax.random.normal(jax.random.key(1), (B, WIDTH))
   refiner = refiner_lib.TokenRefiner(WIDTH, depth=2, num_heads=HEADS)
-  params = refiner.init(jax.random.key(2), feats, mask, t_emb)["params"]
-  tokens, c = refiner.apply({"params": params}, feats, mask, t_emb)
+  params = _init(refiner, jax.random.key(2), feats, mask, t_emb)["params"]
+  tokens, c = _apply(refiner, {"params": params}, feats, mask, t_emb)
   assert tokens.shape == (B, 9, WIDTH) and c.shape == (B, WIDTH)
   # Zero-initialised gates: the blocks add nothing, the output is the input projection.
   norm = layers.RMSNorm(scale_axes=("embed_in",))
   proj = layers.Dense(WIDTH, ("embed_in", "embed"))
-  projected = proj.apply({"params": params["input_proj"]},
-                         norm.apply({"params": params["input_norm"]}, feats))
+  projected = _apply(proj, {"params": params["input_proj"]},
+                         _apply(norm, {"params": params["input_norm"]}, feats))
   np.testing.assert_allclose(tokens, projected, atol=1e-6)
   # Trained (non-zero) gates change it.
-  moved, _ = refiner.apply({"params": _perturb(params)}, feats, mask, t_emb)
+  moved, _ = _apply(refiner, {"params": _perturb(params)}, feats, mask, t_emb)
   assert float(jnp.abs(moved - projected).max()) > 1e-2
 
 
@@ -68,17 +78,17 @@ def test_token_refiner_is_bidirectional_where_the_llm_is_causal():
   tokens = jnp.array([[5, 9, 13, 17, 21, 25]])
   changed = tokens.at[0, 4].set(40)
   mask = jnp.ones_like(tokens, bool)
-  llm_params = llm.init(jax.random.key(0), tokens, mask)["params"]
-  raw = llm.apply({"params": llm_params}, tokens, mask)
-  raw_changed = llm.apply({"params": llm_params}, changed, mask)
+  llm_params = _init(llm, jax.random.key(0), tokens, mask)["params"]
+  raw = _apply(llm, {"params": llm_params}, tokens, mask)
+  raw_changed = _apply(llm, {"params": llm_params}, changed, mask)
   np.testing.assert_array_equal(raw[0, :4], raw_changed[0, :4])  # Causal: bitwise unchanged.
   assert float(jnp.abs(raw[0, 4:] - raw_changed[0, 4:]).max()) > 1e-4
 
   refiner = refiner_lib.TokenRefiner(WIDTH, depth=2, num_heads=HEADS)
   t_emb = jnp.zeros((1, WIDTH))
-  params = _perturb(refiner.init(jax.random.key(1), raw, mask, t_emb)["params"])
-  refined, _ = refiner.apply({"params": params}, raw, mask, t_emb)
-  refined_changed, _ = refiner.apply({"params": params}, raw_changed, mask, t_emb)
+  params = _perturb(_init(refiner, jax.random.key(1), raw, mask, t_emb)["params"])
+  refined, _ = _apply(refiner, {"params": params}, raw, mask, t_emb)
+  refined_changed, _ = _apply(refiner, {"params": params}, raw_changed, mask, t_emb)
   assert float(jnp.abs(refined[0, 1] - refined_changed[0, 1]).max()) > 1e-3
 
 
@@ -87,10 +97,10 @@ def test_token_refiner_ignores_padding():
   feats = jax.random.normal(jax.random.key(0), (1, 8, 24))
   mask = jnp.arange(8)[None] < 5
   t_emb = jnp.ones((1, WIDTH))
-  params = _perturb(refiner.init(jax.random.key(1), feats, mask, t_emb)["params"])
+  params = _perturb(_init(refiner, jax.random.key(1), feats, mask, t_emb)["params"])
   junk = feats.at[:, 5:].set(100.0)
-  a, ca = refiner.apply({"params": params}, feats, mask, t_emb)
-  b, cb = refiner.apply({"params": params}, junk, mask, t_emb)
+  a, ca = _apply(refiner, {"params": params}, feats, mask, t_emb)
+  b, cb = _apply(refiner, {"params": params}, junk, mask, t_emb)
   np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-5)
   np.testing.assert_allclose(ca, cb, atol=1e-5)
 
@@ -101,22 +111,22 @@ def test_collaborative_refiner_identity_at_init_and_cross_branch_flow():
   masks = [jnp.ones((B, 6), bool), jnp.array([[True] * 4, [True, True, False, False]])]
   conds = [jax.random.normal(rngs[2], (B, WIDTH))] * 2
   collab = refiner_lib.CollaborativeRefiner(num_heads=HEADS)
-  params = collab.init(jax.random.key(1), tokens, masks, conds)["params"]
-  out = collab.apply({"params": params}, tokens, masks, conds)
+  params = _init(collab, jax.random.key(1), tokens, masks, conds)["params"]
+  out = _apply(collab, {"params": params}, tokens, masks, conds)
   for o, t in zip(out, tokens):
     assert o.shape == t.shape
     np.testing.assert_allclose(o, t, atol=1e-6)
   # Branch 0's output depends on branch 1's tokens (and not on its padding).
   params = _perturb(params)
-  base = collab.apply({"params": params}, tokens, masks, conds)
+  base = _apply(collab, {"params": params}, tokens, masks, conds)
   shuffled = tokens[1][:, ::-1]  # Same tokens, other order per position: new keys/values.
-  other = collab.apply({"params": params}, [tokens[0], tokens[1] * shuffled], masks, conds)
+  other = _apply(collab, {"params": params}, [tokens[0], tokens[1] * shuffled], masks, conds)
   assert float(jnp.abs(base[0] - other[0]).max()) > 1e-3
-  padded = collab.apply({"params": params}, [tokens[0], tokens[1].at[1, 2:].set(50.0)], masks,
+  padded = _apply(collab, {"params": params}, [tokens[0], tokens[1].at[1, 2:].set(50.0)], masks,
                         conds)
   np.testing.assert_allclose(base[0], padded[0], atol=1e-5)
   with pytest.raises(ValueError, match="two or more branches"):
-    collab.apply({"params": params}, tokens[:1], masks[:1], conds[:1])
+    _apply(collab, {"params": params}, tokens[:1], masks[:1], conds[:1])
 
 
 def test_drop_instruction_tokens():
@@ -129,7 +139,7 @@ def test_drop_instruction_tokens():
   np.testing.assert_array_equal(mask, jnp.concatenate([ma[:, 3:], mb[:, 1:]], axis=1))
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_dit_shapes_zero_init_and_any_resolution(scan_layers):
   model = dit_lib.DiT(patch_size=2, channels=3, width=WIDTH, depth=2, num_heads=HEADS,
                       scan_layers=scan_layers)
@@ -137,20 +147,20 @@ def test_dit_shapes_zero_init_and_any_resolution(scan_layers):
   t_emb = jax.random.normal(jax.random.key(1), (B, WIDTH))
   text = jax.random.normal(jax.random.key(2), (B, 5, WIDTH))
   text_mask = jnp.array([[True] * 5, [True, True, False, False, False]])
-  params = model.init(jax.random.key(3), x, t_emb, text, text_mask)["params"]
-  out = model.apply({"params": params}, x, t_emb, text, text_mask)
+  params = _init(model, jax.random.key(3), x, t_emb, text, text_mask)["params"]
+  out = _apply(model, {"params": params}, x, t_emb, text, text_mask)
   assert out.shape == x.shape and out.dtype == jnp.float32
   np.testing.assert_array_equal(out, 0.0)  # adaLN-Zero final layer.
   params = _perturb(params)
   # The ResBlock positional embedding has no fixed grid: the same weights run at 24x32.
-  wide = model.apply({"params": params}, jnp.ones((B, 24, 32, 3)), t_emb, text, text_mask)
+  wide = _apply(model, {"params": params}, jnp.ones((B, 24, 32, 3)), t_emb, text, text_mask)
   assert wide.shape == (B, 24, 32, 3) and bool(jnp.all(jnp.isfinite(wide)))
   # A constant image still gives position-dependent outputs (the convolutions' zero padding).
-  flat = model.apply({"params": params}, jnp.ones((B, 16, 16, 3)), t_emb, text, text_mask)
+  flat = _apply(model, {"params": params}, jnp.ones((B, 16, 16, 3)), t_emb, text, text_mask)
   assert float(jnp.abs(flat[:, :2] - flat[:, 6:8]).max()) > 1e-3
   # Padded text tokens do not matter.
-  junk = model.apply({"params": params}, x, t_emb, text.at[1, 2:].set(99.0), text_mask)
-  np.testing.assert_allclose(junk, model.apply({"params": params}, x, t_emb, text, text_mask),
+  junk = _apply(model, {"params": params}, x, t_emb, text.at[1, 2:].set(99.0), text_mask)
+  np.testing.assert_allclose(junk, _apply(model, {"params": params}, x, t_emb, text, text_mask),
                              atol=1e-4)
   if scan_layers:
     leaf = nn.unbox(params)["blocks"]["mlp"]["fc1"]["kernel"]
@@ -166,9 +176,9 @@ def test_li_dit_composition(num_llms):
   text = [_text(keys[0], B, 5, 7, 24, [7, 3]), _text(keys[1], B, 3, 6, 40, [2, 6])][:num_llms]
   x = jax.random.normal(keys[2], (B, 8, 8, 3))
   t = jnp.array([0.2, 0.8])
-  variables = model.init(jax.random.key(1), x, t, text)
+  variables = _init(model, jax.random.key(1), x, t, text)
   params = _perturb(variables["params"])
-  out = model.apply({"params": params}, x, t, text)
+  out = _apply(model, {"params": params}, x, t, text)
   assert out.shape == x.shape
   assert ("collaborative_refiner" in params) == (num_llms > 1)
   # Every parameter carries logical axis names.
@@ -177,15 +187,16 @@ def test_li_dit_composition(num_llms):
   assert all(isinstance(s, jax.sharding.PartitionSpec) and len(s) for s in specs)
   # The prompt changes the prediction; padding of the prompt does not.
   other = [lidit.TextFeatures(f.prefix, f.tokens + 1.0, f.mask) for f in text]
-  assert float(jnp.abs(model.apply({"params": params}, x, t, other) - out).max()) > 1e-3
+  assert float(jnp.abs(_apply(model, {"params": params}, x, t, other) - out).max()) > 1e-3
   padded = [lidit.TextFeatures(f.prefix, jnp.where(f.mask[..., None], f.tokens, 7.0), f.mask)
             for f in text]
-  np.testing.assert_allclose(model.apply({"params": params}, x, t, padded), out, atol=1e-4)
+  np.testing.assert_allclose(_apply(model, {"params": params}, x, t, padded), out, atol=1e-4)
   with pytest.raises(ValueError, match="LLM"):
-    model.apply({"params": params}, x, t, text + text)
+    _apply(model, {"params": params}, x, t, text + text)
 
 
-@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [False, True])
 def test_remat_policies_change_memory_not_values(scan_layers):
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   t_emb = jax.random.normal(jax.random.key(1), (4, WIDTH))
@@ -195,7 +206,7 @@ def test_remat_policies_change_memory_not_values(scan_layers):
   for remat in dit_lib.REMAT_POLICIES:
     model = dit_lib.DiT(patch_size=2, channels=3, width=WIDTH, depth=3, num_heads=HEADS,
                         scan_layers=scan_layers, remat=remat)
-    params = _perturb(model.init(jax.random.key(3), x, t_emb, text, text_mask)["params"])
+    params = _perturb(_init(model, jax.random.key(3), x, t_emb, text, text_mask)["params"])
     step = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.square(
         model.apply({"params": p}, x, t_emb, text, text_mask)))))
     compiled = step.lower(params).compile()

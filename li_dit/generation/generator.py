@@ -118,10 +118,10 @@ def _generate(model: lidit.LIDiT, space: image_space.ImageSpace,
               noise: jax.Array, cfg_scale: jax.Array, steps: int, sampler: str, shift: float
               ) -> jax.Array:
   """Token rows [B,L] per LLM and noise [B,h,w,C] -> uint8 images [B,H,W,3]."""
-  text = conditioner.encode_tokens(llm_state, tokens)
-  null = conditioner.encode_tokens(llm_state, null_tokens)
-  both = [lidit.TextFeatures(t.prefix, jnp.concatenate([t.tokens, n.tokens]),
-                             jnp.concatenate([t.mask, n.mask])) for t, n in zip(text, null)]
+  # One LLM pass over the prompts and the empty prompts together [2B,L]: with two passes XLA
+  # shares each all-gathered LLM weight between them, so a whole gathered LLM stays alive per chip.
+  both = conditioner.encode_tokens(
+      llm_state, {k: jnp.concatenate([tokens[k], null_tokens[k]]) for k in tokens})
 
   def denoise(x, t):
     x = layers.constrain(x, ("batch", None, None, None))

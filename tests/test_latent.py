@@ -167,6 +167,7 @@ def test_resume_draws_the_same_latents(latent_run, vae_folder, tmp_path):
   shutil.copytree(latent_run, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
   _train(workdir, vae_folder)
+  # The resumed run replaces what the copy logged after its checkpoint: each step once, the
+  # second half recomputed.
   losses = smoke_runs.losses(workdir)
-  assert len(losses) == STEPS + STEPS // 2  # The second half logged again, after the resume.
-  np.testing.assert_array_equal(losses[STEPS:], smoke_runs.losses(latent_run)[STEPS // 2:])
+  np.testing.assert_array_equal(losses, smoke_runs.losses(latent_run))

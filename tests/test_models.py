@@ -24,7 +24,8 @@ def _perturb(params, scale=0.5, seed=1):
 
 
 def _init(module: nn.Module, *args):
-  """module.init, jitted: one compiled program is several times faster than eager op by op."""
+  """module.init, jitted: one compiled program, about 3x faster than eager op by op (the test
+  DiT: 10.7 s -> 3.9 s)."""
   return jax.jit(module.init)(*args)
 
 
@@ -61,7 +62,7 @@ def test_token_refiner_shapes_and_identity_at_init():
   norm = layers.RMSNorm(scale_axes=("embed_in",))
   proj = layers.Dense(WIDTH, ("embed_in", "embed"))
   projected = _apply(proj, {"params": params["input_proj"]},
-                         _apply(norm, {"params": params["input_norm"]}, feats))
+                     _apply(norm, {"params": params["input_norm"]}, feats))
   np.testing.assert_allclose(tokens, projected, atol=1e-6)
   # Trained (non-zero) gates change it.
   moved, _ = _apply(refiner, {"params": _perturb(params)}, feats, mask, t_emb)
@@ -122,8 +123,8 @@ def test_collaborative_refiner_identity_at_init_and_cross_branch_flow():
   shuffled = tokens[1][:, ::-1]  # Same tokens, other order per position: new keys/values.
   other = _apply(collab, {"params": params}, [tokens[0], tokens[1] * shuffled], masks, conds)
   assert float(jnp.abs(base[0] - other[0]).max()) > 1e-3
-  padded = _apply(collab, {"params": params}, [tokens[0], tokens[1].at[1, 2:].set(50.0)], masks,
-                        conds)
+  padded = _apply(collab, {"params": params}, [tokens[0], tokens[1].at[1, 2:].set(50.0)],
+                  masks, conds)
   np.testing.assert_allclose(base[0], padded[0], atol=1e-5)
   with pytest.raises(ValueError, match="two or more branches"):
     _apply(collab, {"params": params}, tokens[:1], masks[:1], conds[:1])

@@ -12,8 +12,8 @@ import pytest
 import smoke_runs
 
 STEPS = 5
+# Pure data parallelism is the mixed layout's data axis (and test_distributed's processes).
 LAYOUTS = {  # name: (mesh, optim.accumulate_steps)
-    "data=8": (dict(data=8, fsdp=1, tensor=1), 1),
     "fsdp=8": (dict(data=1, fsdp=8, tensor=1), 1),
     # 2 micro-batches of 4 rows, each split over the 4 data-parallel devices (data x fsdp).
     "data=2,fsdp=2,tensor=2,accumulate=2": (dict(data=2, fsdp=2, tensor=2), 2),

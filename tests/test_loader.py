@@ -1,12 +1,15 @@
 """Data iterators close on purpose and in bounded time (li_dit.data.loader): a pipeline whose
 workers are stuck, dropped without close() and found by the garbage collector while another
 thread imports a module, neither blocks the collector nor outlives its timeout; explicit close
-kills stuck and copes with dead workers; no shared memory is left behind."""
+kills stuck and copes with dead workers; no shared memory is left behind; workers do not outlive
+the process that started them."""
+import contextlib
 import gc
 import importlib
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +26,7 @@ from li_dit.data import pipeline
 from li_dit.data.synthetic import shapes
 from li_dit.text import transforms
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
 CLOSE_TIMEOUT = 2.0
 # A close that kills its workers ends within the timeout plus the grace period after the kill;
@@ -154,3 +158,36 @@ def test_closed_iterators_leave_no_shared_memory_and_refuse_next():
   assert not {n for n in _shm_names() if n.startswith(tag)}
   # The arrays stay valid after their names are unlinked and the iterator is closed.
   assert batches[3]["image"].shape == (BATCH, 32, 32, 3) and np.any(batches[3]["image"])
+
+
+def test_workers_exit_when_their_trainer_is_killed_alone():
+  """SIGKILL to the process that owns the pipeline, not to its group (the kernel's OOM killer, a
+  failed check's abort): nothing in it can close the iterator, and its workers exit by
+  themselves (loader.exit_with_parent) instead of living on as orphans."""
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_loader; "
+          "it = iter(test_loader._dataset()); next(it); "
+          "print(*[p.pid for p in it.worker_processes()], flush=True); "
+          "import time; time.sleep(600)")
+  with subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                        text=True, start_new_session=True) as owner:
+    try:
+      workers = [int(pid) for pid in owner.stdout.readline().split()]
+      assert len(workers) == 2
+      os.kill(owner.pid, signal.SIGKILL)
+      owner.wait()
+      start = time.monotonic()
+      while any(_alive(pid) for pid in workers):
+        assert time.monotonic() - start < 10, "orphaned workers still running"
+        time.sleep(0.2)
+    finally:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(owner.pid, signal.SIGKILL)  # Whatever the test leaves, it does not leak.
+
+
+def _alive(pid: int) -> bool:
+  """Whether `pid` is a running process (a zombie, exited but unreaped by init, is not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False

@@ -15,21 +15,24 @@ compile of the train step), built with tools/build_dataset.py's code. Stages:
 
   run_card  the real config's run card (li_dit.training.run_card), printed and checked
   fixtures  the tiny LLMs, VAE and dataset
-  train     li_dit.train on mesh data=2,fsdp=2,tensor=2 with sample grids, stopped by SIGTERM
-            (it must save and exit 143)
+  train     li_dit.train on mesh data=2,fsdp=2,tensor=2, stopped by SIGTERM (it must save and
+            exit 143)
   resume    the same workdir resumed on mesh fsdp=4,tensor=2 to the last step: every step logged
-            once, a finite loss, the last sample grid
+            once, a finite loss, the sample grid of the last step (on the training mesh)
   stage2    a second run at twice the resolution from the first (config.init_from), square
   sample    li_dit.sample on mesh fsdp=4,tensor=2 at a non-square bucket
   evaluate  li_dit.evaluate --benchmark shapes on mesh data=2,fsdp=2,tensor=2
   export    tools/export_torch.py
 
-Prints one line per stage (pass or FAIL, what it measured), writes --json as
-{"config": ..., "seconds": ..., "stages": {NAME: {"ok": bool, ...}}}, and exits 1 if any stage
-fails. About 10 minutes on 2 CPU cores.
+The stages after `resume` only read its workdir: stage2 runs beside sample, evaluate and export
+(two processes at a time; each compile uses about one core). Prints one line per stage as it
+finishes (pass or FAIL, what it measured), writes --json as
+{"config": ..., "seconds": ..., "stages": {NAME: {"ok": bool, ...}}} in the order above, and exits
+1 if any stage fails. About 13 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,6 +79,7 @@ TINY_MODEL = dict(width=64, depth=2, num_heads=2)
 TINY_LLM_WIDTH = tiny.TINY_LLM["hidden_size"]
 PROMPTS = ("a red circle to the left of a blue square", "two green triangles",
            "a yellow square above a purple circle", "three orange circles")
+STAGES = ("run_card", "fixtures", "train", "resume", "stage2", "sample", "evaluate", "export")
 # Seconds a stage's process may take before it counts as hung.
 TIMEOUT = 900
 
@@ -139,18 +143,44 @@ _ENV = dict(os.environ, JAX_PLATFORMS="cpu",
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
-def _last_line(text: str) -> str:
-  return (text.strip().splitlines() or ["(no output)"])[-1]
+@contextlib.contextmanager
+def _process(args: Sequence[str], log: str) -> Iterator[subprocess.Popen]:
+  """A process of this repository on DEVICES host devices, its stdout in `log`.out and stderr in
+  `log`.err: files, not pipes, which a data worker left behind by a crashed process would hold
+  open. It runs in a session of its own; on leaving, whatever is left of the session (the
+  process, its data workers) is killed and the process reaped."""
+  os.makedirs(os.path.dirname(log), exist_ok=True)
+  with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_ENV, stdout=out, stderr=err,
+                            start_new_session=True)
+    try:
+      yield proc
+    finally:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # Before the reaping wait: the group still exists.
+      proc.wait()
 
 
-def _run(args: Sequence[str]) -> subprocess.CompletedProcess:
-  """A process of this repository on DEVICES host devices; raises naming its last stderr line."""
-  result = subprocess.run([sys.executable, *args], cwd=REPO, env=_ENV, capture_output=True,
-                          text=True, timeout=TIMEOUT)
-  if result.returncode != 0:
-    raise RuntimeError(f"{' '.join(args[:2])} exited {result.returncode}: "
-                       f"{_last_line(result.stderr)}")
-  return result
+def _failure(args: Sequence[str], returncode: int, log: str) -> RuntimeError:
+  """Names the process, its exit code, its last stderr lines and where the rest is."""
+  with open(f"{log}.err") as f:
+    lines = [line.strip() for line in f if line.strip()][-3:]
+  return RuntimeError(f"{' '.join(args[:2])} exited {returncode}: "
+                      f"{' | '.join(lines) or '(no output)'} (all of it: {log}.err)")
+
+
+def _run(args: Sequence[str], log: str) -> str:
+  """Runs `args` as _process does, to its end (at most TIMEOUT s); returns its stdout."""
+  with _process(args, log) as proc:
+    try:
+      proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+      raise RuntimeError(f"{' '.join(args[:2])} still running after {TIMEOUT} s "
+                         f"(its output: {log}.err)") from None
+  if proc.returncode != 0:
+    raise _failure(args, proc.returncode, log)
+  with open(f"{log}.out") as f:
+    return f.read()
 
 
 def _metrics(workdir: str) -> list[dict[str, Any]]:
@@ -183,6 +213,9 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
   overrides: dict[str, Any] = {}  # The shrunk config: what the stages' processes are given.
   run = os.path.join(root, "run")
   state: dict[str, Any] = {}
+
+  def logs(stage: str) -> str:  # Where a stage's process writes its stdout and stderr.
+    return os.path.join(root, "logs", stage)
 
   def check_run_card(record):
     config_lib.validate(config)
@@ -230,7 +263,7 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
         "input.source": "tfds", "input.tfds_name": "rehearsal", "input.data_dir": data_dir,
         "input.image_size": size, "input.buckets": state["buckets"], "input.batch_size": 8,
         "input.num_workers": 1, "flow.base_size": int(base) if base == int(base) else base,
-        "total_steps": steps, "log_every": 1, "checkpoint_every": 2, "sample_every": steps // 2,
+        "total_steps": steps, "log_every": 1, "checkpoint_every": 2, "sample_every": steps,
         "optim.warmup_steps": 2, "sample.prompts": PROMPTS, "sample.steps": 2,
         **{f"mesh.{k}": v for k, v in MESHES["train"].items()},
         **{f"dcn_mesh.{k}": 1 for k in MESHES["train"]}})
@@ -243,24 +276,24 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
             *(_flag(k, v) for k, v in merged.items())]
 
   def train_and_stop(record):
-    with subprocess.Popen([sys.executable, *train_args(run, {})], cwd=REPO, env=_ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    args, log = train_args(run, {}), logs("train")
+    with _process(args, log) as proc:
+      # SIGTERM once step 3 is logged: mid-run, after the step-2 checkpoint.
+      deadline = time.monotonic() + TIMEOUT
+      while not (os.path.exists(os.path.join(run, "metrics.jsonl"))
+                 and len(_metrics(run)) >= 3):
+        if proc.poll() is not None:
+          raise _failure(args, proc.returncode, log)
+        if time.monotonic() > deadline:
+          raise RuntimeError(f"no step 3 after {TIMEOUT} s (its output: {log}.err)")
+        time.sleep(0.5)
+      proc.send_signal(signal.SIGTERM)  # The trainer alone: it stops its data workers itself.
       try:
-        # SIGTERM once step 3 is logged: mid-run, after the step-2 checkpoint.
-        deadline = time.monotonic() + TIMEOUT
-        while not (os.path.exists(os.path.join(run, "metrics.jsonl"))
-                   and len(_metrics(run)) >= 3):
-          if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"li_dit.train ended (exit {proc.returncode}) before step 3: "
-                               + _last_line(proc.stderr.read()))
-          time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
-      finally:
-        if proc.poll() is None:
-          proc.kill()
+        proc.wait(timeout=TIMEOUT)
+      except subprocess.TimeoutExpired:
+        raise RuntimeError(f"still running {TIMEOUT} s after SIGTERM ({log}.err)") from None
     if proc.returncode != 143:
-      raise RuntimeError(f"SIGTERM: exit {proc.returncode}, not 143: {_last_line(stderr)}")
+      raise _failure(args, proc.returncode, log)
     state["stopped"] = _metrics(run)[-1]["step"]
     saved = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")) if s.isdigit())
     if saved[-1] != state["stopped"]:
@@ -269,7 +302,7 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
                   first_loss=round(_metrics(run)[0]["loss"], 4))
 
   def resume(record):
-    _run(train_args(run, {f"mesh.{k}": v for k, v in MESHES["resume"].items()}))
+    _run(train_args(run, {f"mesh.{k}": v for k, v in MESHES["resume"].items()}), logs("resume"))
     logged = [m["step"] for m in _metrics(run)]
     if logged != list(range(1, steps + 1)):
       raise RuntimeError(f"logged steps {logged}")
@@ -285,9 +318,10 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
   def second_stage(record):
     stage2 = os.path.join(root, "stage2")
     double = 2 * size
-    result = _run(train_args(stage2, {"init_from": run, "input.image_size": double,
-                                      "input.buckets": (), "total_steps": 2, "sample_every": 0}))
-    if f"initialized parameters and EMA from step {steps}" not in result.stdout:
+    stdout = _run(train_args(stage2, {"init_from": run, "input.image_size": double,
+                                      "input.buckets": (), "total_steps": 2, "sample_every": 0}),
+                  logs("stage2"))
+    if f"initialized parameters and EMA from step {steps}" not in stdout:
       raise RuntimeError("the second stage did not start from the first")
     with open(os.path.join(stage2, "run_card.json")) as f:
       card = json.load(f)
@@ -300,7 +334,7 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
     mesh = ",".join(f"{k}={v}" for k, v in MESHES["resume"].items())
     _run(["-m", "li_dit.sample", "--workdir", run, "--prompt", PROMPTS[0], "--prompt",
           PROMPTS[1], "--out", out, "--steps", "2", "--scale", "1", "--mesh", mesh,
-          "--size", f"{height}x{width}"])
+          "--size", f"{height}x{width}"], logs("sample"))
     shape = np.asarray(Image.open(out)).shape
     if shape != (height, 2 * width, 3):
       raise RuntimeError(f"grid of shape {shape}, expected {(height, 2 * width, 3)}")
@@ -310,7 +344,8 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
     out = os.path.join(root, "shapes_eval.json")
     mesh = ",".join(f"{k}={v}" for k, v in MESHES["evaluate"].items())
     _run(["-m", "li_dit.evaluate", "--workdir", run, "--benchmark", "shapes", "--out", out,
-          "--samples_per_prompt", "1", "--steps", "2", "--batch_size", "16", "--mesh", mesh])
+          "--samples_per_prompt", "1", "--steps", "2", "--batch_size", "16", "--mesh", mesh],
+         logs("evaluate"))
     with open(out) as f:
       result = json.load(f)
     record.update(mesh=mesh, images=result["num_images"],
@@ -318,7 +353,7 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
 
   def export(record):
     out = os.path.join(root, "torch")
-    _run(["tools/export_torch.py", "--workdir", run, "--out", out, "--ema"])
+    _run(["tools/export_torch.py", "--workdir", run, "--out", out, "--ema"], logs("export"))
     files = sorted(os.listdir(out))
     if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
       raise RuntimeError(f"export wrote {files}")
@@ -328,10 +363,17 @@ def rehearse(config, config_file: str, user_overrides: dict[str, Any], root: str
   report.run("fixtures", make_fixtures, needs=["run_card"])
   report.run("train", train_and_stop, needs=["fixtures"])
   report.run("resume", resume, needs=["train"])
-  report.run("stage2", second_stage, needs=["resume"])
-  report.run("sample", sample, needs=["resume"])
-  report.run("evaluate", evaluate, needs=["resume"])
-  report.run("export", export, needs=["resume"])
+
+  def run_lane(lane):
+    for name, stage in lane:
+      report.run(name, stage, needs=["resume"])
+
+  lanes = ([("stage2", second_stage)],
+           [("sample", sample), ("evaluate", evaluate), ("export", export)])
+  with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+    for lane in [pool.submit(run_lane, lane) for lane in lanes]:
+      lane.result()
+  report.stages = {name: report.stages[name] for name in STAGES}  # The documented order.
   return report
 
 
@@ -348,18 +390,21 @@ def main(argv):
 
 
 def run(config, config_file: str, overrides: dict[str, Any]) -> bool:
-  """Rehearses in --workdir (or a temporary directory, removed after); prints the verdict and
-  writes --json. Returns whether every stage passed."""
+  """Rehearses in --workdir (or a temporary directory, removed after a rehearsal that passes and
+  kept, with each stage's logs, after one that fails); prints the verdict and writes --json.
+  Returns whether every stage passed."""
   start = time.perf_counter()
   root = _WORKDIR.value or tempfile.mkdtemp(prefix="li_dit_rehearsal_")
+  report = None
   try:
     report = rehearse(config, config_file, overrides, root, _STEPS.value)
   finally:
-    if not _WORKDIR.value:
+    if not _WORKDIR.value and report is not None and report.ok:
       shutil.rmtree(root, ignore_errors=True)
   seconds = round(time.perf_counter() - start, 1)
-  print(f"rehearsal of {config_file}: {'every stage passed' if report.ok else 'FAILED'} in "
-        f"{seconds} s")
+  print(f"rehearsal of {config_file}: "
+        + (f"every stage passed in {seconds} s" if report.ok else
+           f"FAILED in {seconds} s; its files and each stage's logs are in {root}"))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"config": config_file, "seconds": seconds, "ok": report.ok,

@@ -11,7 +11,11 @@ process hangs. Hence, for every iterator the project opens:
   * closing finishes within `close_timeout` seconds plus a grace period: past the timeout the
     iterator's worker processes are killed, which unblocks every thread waiting on them;
   * an iterator dropped without `close()` is handed to a reaper thread, which closes it the same
-    bounded way; the collector only enqueues it and never blocks.
+    bounded way; the collector only enqueues it and never blocks;
+  * a worker process whose parent is gone exits (`exit_with_parent`, grain's worker_init_fn): a
+    trainer killed by SIGKILL alone (the kernel's OOM killer) or aborted by a failed check
+    cannot close anything, and its orphaned workers would otherwise live on, holding its
+    shared memory and the pipes of whoever started it.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import concurrent.futures
 import functools
 import gc
 import json
+import multiprocessing
 import multiprocessing.process
+import os
 import queue
 import threading
 import time
@@ -35,6 +41,26 @@ from absl import logging
 CLOSE_TIMEOUT_S = 20.0
 # After its workers are killed, the threads that waited on them finish within a second.
 _GRACE_S = 10.0
+
+
+# How often a worker checks that its parent is alive.
+_PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker_init_fn: a daemon thread in the worker process that ends the process once the
+  process that started it is gone (its parent id changes)."""
+  del worker_index, worker_count
+  parent = multiprocessing.parent_process()
+  if parent is None:  # Not a worker process: nothing to watch.
+    return
+
+  def watch():
+    while os.getppid() == parent.pid:
+      time.sleep(_PARENT_POLL_S)
+    os._exit(1)  # pylint: disable=protected-access  # No cleanup to run: the parent is gone.
+
+  threading.Thread(target=watch, name="li-dit-parent-watch", daemon=True).start()
 
 
 class DataIterator(Iterator[Any]):

@@ -128,7 +128,8 @@ def make_train_dataset(input_config: ml_collections.ConfigDict,
     # grain's workers read absl flags; outside an absl app (tests, notebooks) nobody parsed them.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=input_config.num_workers,
-        per_worker_buffer_size=input_config.prefetch_buffer))
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=input_config.num_workers,
+                                     per_worker_buffer_size=input_config.prefetch_buffer),
+        worker_init_fn=loader.exit_with_parent)
   return loader.Dataset(iter_ds)

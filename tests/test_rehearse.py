@@ -42,7 +42,8 @@ def test_the_1b_rehearsal_passes_every_stage(tmp_path):
   out = tmp_path / "rehearsal.json"
   result = subprocess.run(
       [sys.executable, "tools/rehearse.py", "--config", "configs/li_dit_1b.py", "--json",
-       str(out)], cwd=REPO, capture_output=True, text=True, timeout=2400)
+       str(out), "--workdir", str(tmp_path / "rehearsal")],  # Its stages' logs stay there.
+      cwd=REPO, capture_output=True, text=True, timeout=2400)
   print(result.stdout[-4000:])
   report = json.loads(out.read_text())
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

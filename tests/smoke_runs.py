@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from li_dit.parallel import host_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +30,7 @@ def command(workdir: str, mesh: dict[str, int], *overrides: str,
 
 def environment(devices: int) -> dict[str, str]:
   """The environment of a process with `devices` CPU devices."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return host_devices.environment(devices)
 
 
 def call_with_devices(module: str, function: str, devices: int) -> str:

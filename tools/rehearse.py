@@ -60,6 +60,7 @@ from li_dit.diffusion import image_space  # noqa: E402
 from li_dit.io import architectures  # noqa: E402
 from li_dit.io import packaged  # noqa: E402
 from li_dit.io import tiny  # noqa: E402
+from li_dit.parallel import host_devices  # noqa: E402
 from li_dit.training import run_card  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,12 +136,13 @@ def _flag(key: str, value: Any) -> str:
   return f"--config.{key}={value if isinstance(value, str) else repr(value)}"
 
 
-# The stages' processes: DEVICES host CPU devices (jax reads the flags when it starts), compiled
-# without LLVM's expensive passes: compiling, not running, is most of a rehearsal's time (a fifth
+# The stages' processes: DEVICES host CPU devices with the pool threads their collectives need
+# (li_dit.parallel.host_devices; jax reads both when it starts), compiled without LLVM's
+# expensive passes: compiling, not running, is most of a rehearsal's time (a fifth
 # less per train step compile, measured).
-_ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES} "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+_ENV = host_devices.environment(
+    DEVICES, ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"],
+    base=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 @contextlib.contextmanager

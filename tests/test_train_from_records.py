@@ -1,6 +1,7 @@
 """The smoke config trains from datasets that tools/build_dataset.py built: the shapes source
 written to disk, and the Noto emoji named by Unicode (Debian fonts-noto-color-emoji and
-unicode-data), with aspect-ratio buckets and cached or online text features."""
+unicode-data), with cached or online text features. (Training on aspect-ratio buckets of a built
+dataset: tools/rehearse.py, run by tests/test_rehearse.py; their batches: tests/test_pipeline.py.)"""
 import json
 import os
 import shutil
@@ -93,16 +94,6 @@ def test_a_rotted_record_is_counted_in_metrics_and_the_progress_line_across_a_re
 def _metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-@pytest.mark.slow
-def test_smoke_trains_on_aspect_ratio_buckets(tmp_path):
-  fx.write_aspect_folder(str(tmp_path / "in"), 30)
-  data = str(tmp_path / "data")
-  _tool("build_dataset.py", "--input", str(tmp_path / "in"), "--out", data, "--name", "mixed")
-  # Wide, square and tall batches: the train step compiles once per bucket shape.
-  _train_on(tmp_path, "mixed", data, "--config.input.buckets=((16, 32), (24, 24), (32, 16))",
-            "--config.input.batch_size=4")
 
 
 @pytest.mark.slow

@@ -138,8 +138,8 @@ def _flag(key: str, value: Any) -> str:
 
 # The stages' processes: DEVICES host CPU devices with the pool threads their collectives need
 # (li_dit.parallel.host_devices; jax reads both when it starts), compiled without LLVM's
-# expensive passes: compiling, not running, is most of a rehearsal's time (a fifth
-# less per train step compile, measured).
+# expensive passes: compiling, not running, is most of a rehearsal's time (a fifth less per
+# train step compile, measured).
 _ENV = host_devices.environment(
     DEVICES, ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"],
     base=dict(os.environ, JAX_PLATFORMS="cpu"))
